@@ -1,0 +1,135 @@
+"""The pipeline's SQL: creating, emptying, loading and reading the penguins tables.
+
+Every function takes an open DB-API connection (MySQLdb), so the DAG passes one from the
+Airflow hook and the tests pass one to their own server. Table names only ever come from the
+fixed set in ``contract.TABLES``; values are always bound, never pasted into SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pandas as pd
+
+from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE, TABLES
+from penguins.source import Source
+
+# ``source_row`` is the row's position in the source file: it keeps reads in file order, so the
+# same data and seed give the same train/test split on every run.
+_DDL = {
+    RAW_TABLE: f"""
+        CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
+            source_row INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            species VARCHAR(64) NULL,
+            island VARCHAR(64) NULL,
+            bill_length_mm DOUBLE NULL,
+            bill_depth_mm DOUBLE NULL,
+            flipper_length_mm DOUBLE NULL,
+            body_mass_g DOUBLE NULL,
+            sex VARCHAR(64) NULL,
+            year INT NULL
+        )""",
+    CLEAN_TABLE: f"""
+        CREATE TABLE IF NOT EXISTS {CLEAN_TABLE} (
+            source_row INT UNSIGNED NOT NULL PRIMARY KEY,
+            species VARCHAR(16) NOT NULL,
+            island VARCHAR(16) NOT NULL,
+            bill_length_mm DOUBLE NOT NULL,
+            bill_depth_mm DOUBLE NOT NULL,
+            flipper_length_mm DOUBLE NOT NULL,
+            body_mass_g DOUBLE NOT NULL,
+            sex VARCHAR(8) NOT NULL,
+            year SMALLINT NOT NULL
+        )""",
+}
+
+INSERT_BATCH_ROWS = 10_000
+
+
+def _checked(table: str) -> str:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; the pipeline's tables are {TABLES}")
+    return table
+
+
+def create_and_empty_tables(conn) -> None:
+    """Create both tables if they are missing, then empty them. Safe to run any number of times."""
+    with conn.cursor() as cursor:
+        for table in TABLES:
+            cursor.execute(_DDL[table])
+            # TRUNCATE also resets AUTO_INCREMENT, so source_row starts at 1 again.
+            cursor.execute(f"TRUNCATE TABLE {table}")
+    conn.commit()
+
+
+def load_raw(conn, source: Source) -> int:
+    """Bulk-load a checked source file into the raw table as it ships; return the row count.
+
+    ``LOAD DATA LOCAL INFILE`` streams the file from the client, so memory stays flat however
+    large the file is. ``NA`` and empty fields become SQL NULL; nothing else is changed.
+    """
+    variables = ", ".join(f"@{column}" for column in source.columns)
+    assignments = ", ".join(f"{column} = {_null_if_missing(column)}" for column in COLUMNS)
+    sql = (
+        f"LOAD DATA LOCAL INFILE %s INTO TABLE {RAW_TABLE} CHARACTER SET utf8mb4 "
+        f"FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' "
+        f"LINES TERMINATED BY %s IGNORE 1 LINES ({variables}) SET {assignments}"
+    )
+    with conn.cursor() as cursor:
+        cursor.execute(sql, (str(source.path), source.line_terminator))
+        cursor.execute(f"SELECT COUNT(*) FROM {RAW_TABLE}")
+        (loaded,) = cursor.fetchone()
+    conn.commit()
+    if loaded != source.rows:
+        raise RuntimeError(f"loaded {loaded} rows from {source.path}, expected {source.rows}")
+    return loaded
+
+
+def _null_if_missing(column: str) -> str:
+    expression = f"TRIM(@{column})"
+    for marker in NA_MARKERS:
+        expression = f"NULLIF({expression}, '{marker}')"
+    return expression
+
+
+def read_table(conn, table: str) -> pd.DataFrame:
+    """Read a whole table in source order, as a DataFrame with SQL NULL as missing values."""
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT * FROM {_checked(table)} ORDER BY source_row")
+        names = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    return pd.DataFrame.from_records(rows, columns=names)
+
+
+def write_clean(conn, frame: pd.DataFrame) -> int:
+    """Insert the cleaned rows into the clean table, in batches; return the row count."""
+    columns = ("source_row", *COLUMNS)
+    sql = (
+        f"INSERT INTO {CLEAN_TABLE} ({', '.join(columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))})"
+    )
+    with conn.cursor() as cursor:
+        for batch in _batches(frame[list(columns)]):
+            cursor.executemany(sql, batch)
+    conn.commit()
+    return len(frame)
+
+
+def _batches(frame: pd.DataFrame) -> Iterator[list[tuple]]:
+    # Plain Python values: MySQLdb cannot bind numpy scalars, and NaN must never reach it.
+    records = frame.astype(object).where(pd.notna(frame), None).itertuples(index=False, name=None)
+    batch: list[tuple] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == INSERT_BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def count_rows(conn, table: str) -> int:
+    with conn.cursor() as cursor:
+        cursor.execute(f"SELECT COUNT(*) FROM {_checked(table)}")
+        (count,) = cursor.fetchone()
+    return int(count)

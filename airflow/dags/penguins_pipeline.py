@@ -1,0 +1,158 @@
+"""
+### Penguins pipeline
+
+Loads the Palmer penguins data into MySQL and trains several species classifiers in parallel.
+
+1. **check_source** reads the source CSV through once and refuses a bad one, before anything
+   in the database is emptied.
+2. **truncate** creates `penguins_raw` and `penguins_clean` if they are missing and empties them.
+3. **load_raw** bulk-loads the CSV into `penguins_raw` exactly as it ships (`NA` becomes NULL).
+4. **preprocess** cleans `penguins_raw` into `penguins_clean`.
+5. **train** runs once per chosen model, in parallel, and publishes `<model>.pkl` and its
+   metadata into `MODELS_DIR`, where the prediction service picks it up by itself.
+6. **publish_manifest** records every result and the best model in `manifest.json`.
+
+Only table names and small dicts travel between tasks. Trigger it from the UI; the form's
+Params choose the models, the test size, the seed and, optionally, another CSV.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+from penguins import contract
+
+_PARAMS = {
+    "models": Param(
+        list(contract.MODEL_NAMES),
+        type="array",
+        items={"type": "string", "enum": list(contract.MODEL_NAMES)},
+        minItems=1,
+        uniqueItems=True,
+        title="Models",
+        description="Which models to train.",
+    ),
+    "test_size": Param(
+        0.25, type="number", minimum=0.1, maximum=0.5, title="Test size",
+        description="Share of the clean rows held out to score each model.",
+    ),
+    "random_seed": Param(
+        42, type="integer", minimum=0, title="Random seed",
+        description="Seeds the split and the models: the same seed gives the same metrics.",
+    ),
+    "source_path": Param(
+        None, type=["null", "string"], title="Source CSV",
+        description="Path to a CSV with the palmerpenguins columns. Empty: the packaged data.",
+    ),
+}
+
+
+def _mysql_connection():
+    from airflow.providers.mysql.hooks.mysql import MySqlHook
+
+    # local_infile is a constructor argument: the hook does not read it from the connection.
+    return MySqlHook(mysql_conn_id=contract.CONN_ID, local_infile=True).get_conn()
+
+
+@dag(
+    dag_id="penguins_pipeline",
+    schedule=None,
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,  # two runs must not interleave their truncate and load
+    params=_PARAMS,
+    tags=["penguins", "mlops"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10),
+                  "retry_exponential_backoff": True},
+    doc_md=__doc__,
+)
+def penguins_pipeline():
+    @task
+    def check_source() -> str:
+        """Refuse a bad source before anything is emptied; return its path."""
+        from penguins.source import SourceError, check_source
+
+        params = get_current_context()["params"]
+        path = params["source_path"] or str(contract.default_source())
+        try:
+            source = check_source(path)
+        except SourceError as exc:
+            raise AirflowFailException(str(exc)) from exc  # a bad file will not fix itself
+        print(f"source {source.path}: {source.rows} rows, columns {', '.join(source.columns)}")
+        return str(source.path)
+
+    @task
+    def truncate() -> str:
+        from penguins.database import create_and_empty_tables
+
+        with _mysql_connection() as conn:
+            create_and_empty_tables(conn)
+        return contract.RAW_TABLE
+
+    @task
+    def load_raw(table: str, source_path: str) -> str:
+        from penguins.database import load_raw
+        from penguins.source import check_source
+
+        with _mysql_connection() as conn:
+            rows = load_raw(conn, check_source(source_path))
+        print(f"loaded {rows} rows into {table}")
+        return table
+
+    @task
+    def preprocess(table: str) -> str:
+        from penguins.cleaning import clean
+        from penguins.database import read_table, write_clean
+
+        with _mysql_connection() as conn:
+            cleaned, report = clean(read_table(conn, table))
+            write_clean(conn, cleaned)
+        print(f"cleaned {table} into {contract.CLEAN_TABLE}: {report}")
+        return contract.CLEAN_TABLE
+
+    @task
+    def select_models() -> list[str]:
+        return list(get_current_context()["params"]["models"])
+
+    @task(map_index_template="{{ model_name }}")
+    def train(table: str, model_name: str) -> dict:
+        from penguins.database import read_table
+        from penguins.publishing import models_dir, publish_model, signing_key
+        from penguins.training import train
+
+        context = get_current_context()
+        context["model_name"] = model_name
+        params = context["params"]
+        with _mysql_connection() as conn:
+            frame = read_table(conn, table)
+        trained = train(frame, model_name, params["test_size"], params["random_seed"])
+        metadata = publish_model(
+            trained, models_dir(), run_id=context["run_id"],
+            source=params["source_path"] or str(contract.default_source()),
+            test_size=params["test_size"], seed=params["random_seed"], key=signing_key(),
+        )
+        print(f"{model_name}: {trained.metrics}, published to {models_dir()}")
+        return {k: metadata[k] for k in ("model_name", "metrics", "sha256")}
+
+    @task
+    def publish_manifest(results: list[dict]) -> str:
+        from penguins.publishing import models_dir, write_manifest
+
+        manifest = write_manifest(
+            models_dir(), run_id=get_current_context()["run_id"], results=list(results),
+            failures={},
+        )
+        print(f"best model: {manifest['best_model']}")
+        return manifest["best_model"]
+
+    source_path = check_source()
+    emptied_table = truncate()
+    source_path >> emptied_table
+    clean_table = preprocess(load_raw(emptied_table, source_path))
+    results = train.partial(table=clean_table).expand(model_name=select_models())
+    publish_manifest(results)
+
+
+penguins_pipeline()

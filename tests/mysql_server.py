@@ -1,0 +1,130 @@
+"""Finding a MySQL-compatible server for the tests, or starting a throwaway one.
+
+In order: the server in ``PENGUINS_TEST_MYSQL_URL`` (``mysql://user:password@host:port``); a
+server answering on 127.0.0.1:3306 as root with no password (as on the project's machines); else
+a private ``mariadbd`` started in a temporary folder, stopped when the tests end. Each test
+session works in a database of its own, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import MySQLdb
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str = ""
+
+    def connect(self, **kwargs) -> MySQLdb.Connection:
+        return MySQLdb.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password,
+            database=self.database, local_infile=1, **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mysql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
+
+
+def _answers(server: Server) -> bool:
+    try:
+        server.connect(connect_timeout=2).close()
+    except MySQLdb.OperationalError:
+        return False
+    return True
+
+
+def _from_url(url: str) -> Server:
+    parts = urlsplit(url)
+    return Server(parts.hostname or "127.0.0.1", parts.port or 3306, unquote(parts.username or ""),
+                  unquote(parts.password or ""))
+
+
+@contextmanager
+def mysql_database() -> Iterator[Server]:
+    """A fresh, empty database on a server that answers; dropped afterwards."""
+    with _server() as server:
+        database = f"penguins_test_{uuid.uuid4().hex[:8]}"
+        with server.connect() as conn:
+            conn.cursor().execute(f"CREATE DATABASE {database}")
+        try:
+            yield replace(server, database=database)
+        finally:
+            with server.connect() as conn:
+                conn.cursor().execute(f"DROP DATABASE IF EXISTS {database}")
+
+
+@contextmanager
+def _server() -> Iterator[Server]:
+    if url := os.environ.get("PENGUINS_TEST_MYSQL_URL"):
+        server = _from_url(url)
+        if not _answers(server):
+            raise RuntimeError(f"PENGUINS_TEST_MYSQL_URL is set, but no server answers at {url}")
+        yield server
+        return
+    local = Server("127.0.0.1", 3306, "root", "")
+    if _answers(local):
+        yield local
+        return
+    with _throwaway_mariadb() as server:
+        yield server
+
+
+@contextmanager
+def _throwaway_mariadb() -> Iterator[Server]:
+    daemon = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin")
+    install_db = shutil.which("mariadb-install-db")
+    if not (daemon and install_db):
+        raise RuntimeError(
+            "no MySQL server answers and MariaDB is not installed: install the Debian package "
+            "mariadb-server, or set PENGUINS_TEST_MYSQL_URL"
+        )
+    folder = Path(tempfile.mkdtemp(prefix="penguins-mariadb-"))
+    data, socket_path, port = folder / "data", folder / "mysqld.sock", _free_port()
+    user = ["--user=root"] if os.geteuid() == 0 else []
+    subprocess.run(
+        [install_db, "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
+         "--skip-test-db", *user],
+        check=True, capture_output=True,
+    )
+    process = subprocess.Popen(
+        [daemon, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
+         f"--port={port}", "--bind-address=127.0.0.1", "--skip-log-bin", *user],
+        stdout=subprocess.DEVNULL, stderr=open(folder / "mariadbd.log", "wb"),
+    )
+    server = Server("127.0.0.1", port, "root", "")
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(server):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = (folder / "mariadbd.log").read_text(errors="replace")
+                raise RuntimeError(f"the throwaway mariadbd did not start:\n{log[-2000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

