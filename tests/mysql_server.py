@@ -31,6 +31,8 @@ class Server:
     user: str
     password: str
     database: str = ""
+    folder: Path | None = None
+    """Where a throwaway server keeps its files; None for a server found running."""
 
     def connect(self, **kwargs) -> MySQLdb.Connection:
         return MySQLdb.connect(
@@ -83,12 +85,12 @@ def _server() -> Iterator[Server]:
     if _answers(local):
         yield local
         return
-    with _throwaway_mariadb() as server:
+    with throwaway_mariadb() as server:
         yield server
 
 
 @contextmanager
-def _throwaway_mariadb() -> Iterator[Server]:
+def throwaway_mariadb() -> Iterator[Server]:
     daemon = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin")
     install_db = shutil.which("mariadb-install-db")
     if not (daemon and install_db):
@@ -100,16 +102,17 @@ def _throwaway_mariadb() -> Iterator[Server]:
     data, socket_path, port = folder / "data", folder / "mysqld.sock", _free_port()
     user = ["--user=root"] if os.geteuid() == 0 else []
     subprocess.run(
-        [install_db, "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
-         "--skip-test-db", *user],
+        [install_db, "--no-defaults", f"--datadir={data}", "--skip-test-db",
+         "--auth-root-authentication-method=normal", *user],
         check=True, capture_output=True,
     )
-    process = subprocess.Popen(
-        [daemon, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
-         f"--port={port}", "--bind-address=127.0.0.1", "--skip-log-bin", *user],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "mariadbd.log", "wb"),
-    )
-    server = Server("127.0.0.1", port, "root", "")
+    with open(folder / "mariadbd.log", "wb") as log:
+        process = subprocess.Popen(
+            [daemon, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
+             f"--port={port}", "--bind-address=127.0.0.1", "--skip-log-bin", *user],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+    server = Server("127.0.0.1", port, "root", "", folder=folder)
     try:
         deadline = time.monotonic() + 60
         while not _answers(server):

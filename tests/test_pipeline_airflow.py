@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,14 +93,39 @@ def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
     assert all(m["dag_run_id"] == second.run_id for m in rerun.values())
 
 
-def test_params_choose_which_models_train(run_dag, tmp_path):
-    dag_run = run_dag(tmp_path, models=["knn", "xgboost"], test_size=0.3, random_seed=7)
+def test_params_from_the_cli_choose_which_models_train(mysql, airflow_db, tmp_path):
+    conf = {"models": ["knn", "xgboost"], "test_size": 0.3, "random_seed": 7}
+    env = os.environ | {"AIRFLOW_CONN_MYSQL_AIRFLOW_CONN": mysql.url, "MODELS_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", "dags", "test", "penguins_pipeline", "-c",
+         json.dumps(conf)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
 
-    assert dag_run.state == "success"
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.stem for p in tmp_path.glob("*.pkl")) == ["knn", "xgboost"]
-    assert _task_states(dag_run)["train"] == ["success", "success"]
     meta = _metadata(tmp_path)["knn"]
     assert (meta["test_size"], meta["random_seed"]) == (0.3, 7)
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["models"]) == [
+        "knn", "xgboost"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("conf", "param"),
+    [
+        ({"models": ["knn", "gradient_magic"]}, "models"),
+        ({"models": []}, "models"),
+        ({"test_size": 0.9}, "test_size"),
+        ({"random_seed": "seven"}, "random_seed"),
+    ],
+)
+def test_an_invalid_param_fails_the_run_at_once_naming_it(run_dag, tmp_path, conf, param):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}:"):
+        run_dag(tmp_path, **conf)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_path):

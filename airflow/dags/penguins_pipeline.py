@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
+
 from penguins import contract
 
 _PARAMS = {

@@ -126,7 +126,7 @@ def write_manifest(directory: Path, *, run_id: str, results: list[dict[str, Any]
 
 
 def write_atomically(target: Path, data: bytes) -> None:
-    """Replace ``target`` with ``data`` so that a reader sees the old file or the new, never half."""
+    """Replace ``target`` with ``data``: a reader sees the old file or the new one, never half."""
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

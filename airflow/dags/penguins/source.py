@@ -32,7 +32,7 @@ class Source:
 
 
 def check_source(path: str | Path) -> Source:
-    """Check that ``path`` is a penguins CSV the loader can take as it is; raise SourceError if not."""
+    """Check that ``path`` is a penguins CSV the loader can take as it is, or raise SourceError."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"source {path}: no such file")

@@ -1,0 +1,60 @@
+"""The cleaning rule, on the real data and on dirty rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from penguins.cleaning import clean
+from penguins.contract import FEATURES, ISLANDS, SEXES, SPECIES
+from tests.data import raw_frame
+
+
+def test_the_packaged_data_cleans_to_333_complete_rows():
+    cleaned, report = clean(raw_frame())
+    assert report == {
+        "raw_rows": 344,
+        "dropped_missing_value": 11,
+        "dropped_invalid_value": 0,
+        "dropped_duplicate": 0,
+        "clean_rows": 333,
+    }
+    assert len(cleaned) == 333
+    assert not cleaned[list(FEATURES)].isna().any().any()
+    assert set(cleaned["species"]) == set(SPECIES)
+    assert set(cleaned["island"]) <= set(ISLANDS)
+    assert set(cleaned["sex"]) <= set(SEXES)
+    assert cleaned["source_row"].is_monotonic_increasing
+
+
+def _row(**changes):
+    row = {
+        "source_row": 1, "species": "Adelie", "island": "Dream", "bill_length_mm": 39.1,
+        "bill_depth_mm": 18.7, "flipper_length_mm": 181.0, "body_mass_g": 3750.0,
+        "sex": "male", "year": 2007,
+    }
+    return row | changes
+
+
+def test_dirty_rows_are_normalised_or_dropped_and_counted():
+    raw = pd.DataFrame([
+        _row(source_row=1, species=" adelie ", island="DREAM ", sex=" Male"),
+        _row(source_row=2, island="Atlantis"),
+        _row(source_row=3, body_mass_g=-5.0),
+        _row(source_row=4, flipper_length_mm=9999.0),
+        _row(source_row=5, bill_length_mm=None),
+        _row(source_row=6, species=" adelie ", island="DREAM ", sex=" Male"),
+        _row(source_row=7, sex="unknown"),
+        _row(source_row=8, bill_depth_mm=18.8),
+    ])
+
+    cleaned, report = clean(raw)
+
+    assert list(cleaned["source_row"]) == [1, 8]
+    assert cleaned.loc[0, ["species", "island", "sex"]].tolist() == ["Adelie", "Dream", "male"]
+    assert report == {
+        "raw_rows": 8,
+        "dropped_missing_value": 1,
+        "dropped_invalid_value": 4,
+        "dropped_duplicate": 1,
+        "clean_rows": 2,
+    }

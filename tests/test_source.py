@@ -1,0 +1,66 @@
+"""Checking a source file before anything is emptied."""
+
+from __future__ import annotations
+
+import pytest
+
+from penguins.contract import COLUMNS, default_source
+from penguins.source import SourceError, check_source
+from tests.data import packaged_rows, write_csv
+
+
+def test_the_packaged_source_passes_with_its_344_rows():
+    source = check_source(default_source())
+    assert source.rows == 344
+    assert source.columns == COLUMNS
+    assert source.line_terminator == "\n"
+
+
+def test_columns_in_another_order_and_crlf_lines_are_accepted(tmp_path):
+    rows = packaged_rows()[list(reversed(COLUMNS))]
+    path = tmp_path / "reordered.csv"
+    rows.to_csv(path, index=False, lineterminator="\r\n")
+    source = check_source(path)
+    assert (source.rows, source.line_terminator) == (344, "\r\n")
+    assert source.columns == tuple(reversed(COLUMNS))
+
+
+def _with(tmp_path, column, row, value):
+    rows = packaged_rows()
+    rows.loc[row, column] = value
+    return write_csv(tmp_path / "edited.csv", rows)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "absent.csv", "no such file"),
+        (lambda p: _write(p / "empty.csv", ""), "empty"),
+        (lambda p: _write(p / "header.csv", ",".join(COLUMNS) + "\n"), "no data rows"),
+        (
+            lambda p: write_csv(p / "short.csv", packaged_rows().drop(columns=["sex"])),
+            "missing ['sex']",
+        ),
+        (
+            lambda p: write_csv(p / "extra.csv", packaged_rows().assign(colour="blue")),
+            "unexpected ['colour']",
+        ),
+        (lambda p: _with(p, "body_mass_g", 10, "heavy"), "data row 11: column 'body_mass_g'"),
+        (lambda p: _with(p, "species", 300, "Emperor"), "'Emperor' is not one of"),
+        (lambda p: _write(p / "binary.csv", b"\x00\xff\xfe" * 100), "expected the columns"),
+    ],
+)
+def test_a_bad_source_is_refused_with_the_file_and_the_problem(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(SourceError) as refused:
+        check_source(path)
+    assert str(path) in str(refused.value)
+    assert message in str(refused.value)
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
