@@ -99,7 +99,7 @@ def throwaway_mariadb() -> Iterator[Server]:
             "mariadb-server, or set PENGUINS_TEST_MYSQL_URL"
         )
     folder = Path(tempfile.mkdtemp(prefix="penguins-mariadb-"))
-    data, socket_path, port = folder / "data", folder / "mysqld.sock", _free_port()
+    data, socket_path, port = folder / "data", folder / "mysqld.sock", free_port()
     user = ["--user=root"] if os.geteuid() == 0 else []
     subprocess.run(
         [install_db, "--no-defaults", f"--datadir={data}", "--skip-test-db",
@@ -127,7 +127,7 @@ def throwaway_mariadb() -> Iterator[Server]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -71,3 +71,37 @@ def test_write_clean_round_trips_the_rows(db):
 def test_only_the_pipelines_tables_can_be_named(db):
     with pytest.raises(ValueError, match="unknown table"):
         read_table(db, "mysql.user; DROP TABLE penguins_raw")
+
+
+def test_an_unreachable_server_is_a_retryable_problem_naming_the_connection():
+    import MySQLdb
+
+    from penguins.database import ConnectionProblem, open_connection
+    from tests.mysql_server import free_port
+
+    port = free_port()
+    with pytest.raises(ConnectionProblem) as problem:
+        open_connection(
+            lambda: MySQLdb.connect(host="127.0.0.1", port=port, connect_timeout=2),
+            "mysql_airflow_conn", f"127.0.0.1:{port}",
+        )
+    assert problem.value.retryable
+    assert f"cannot reach MySQL at 127.0.0.1:{port} through connection 'mysql_airflow_conn'" in (
+        str(problem.value)
+    )
+
+
+def test_wrong_credentials_are_a_final_problem_naming_the_connection(mysql):
+    import MySQLdb
+
+    from penguins.database import ConnectionProblem, open_connection
+
+    def connect():
+        return MySQLdb.connect(host=mysql.host, port=mysql.port, user="penguins_nobody",
+                               password="wrong", connect_timeout=5)
+
+    with pytest.raises(ConnectionProblem) as problem:
+        open_connection(connect, "mysql_airflow_conn", f"{mysql.host}:{mysql.port}")
+    assert not problem.value.retryable
+    assert "refused connection 'mysql_airflow_conn'" in str(problem.value)
+    assert "Access denied" in str(problem.value)

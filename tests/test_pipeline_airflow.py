@@ -31,8 +31,8 @@ def dag():
 def run_dag(dag, mysql, airflow_db, monkeypatch):
     """Run the DAG once with a run conf into a models folder; return the finished DagRun."""
 
-    def run(models_dir: Path, **conf):
-        monkeypatch.setenv("AIRFLOW_CONN_MYSQL_AIRFLOW_CONN", mysql.url)
+    def run(models_dir: Path, conn_url: str = mysql.url, **conf):
+        monkeypatch.setenv("AIRFLOW_CONN_MYSQL_AIRFLOW_CONN", conn_url)
         monkeypatch.setenv("MODELS_DIR", str(models_dir))
         return dag.test(run_conf=conf)
 
@@ -144,3 +144,15 @@ def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_p
     assert after == before
     # Nothing was emptied: the previous run's rows are still there.
     assert count_rows(db, contract.RAW_TABLE) == 344
+
+
+def test_wrong_credentials_fail_the_run_at_once_and_publish_nothing(run_dag, mysql, tmp_path):
+    wrong = mysql.url.replace(f"{mysql.user}:{mysql.password}@", "penguins_nobody:wrong@")
+
+    dag_run = run_dag(tmp_path, conn_url=wrong)
+
+    assert dag_run.state == "failed"
+    truncate = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "truncate")
+    assert truncate.state == "failed"
+    assert truncate.try_number == 1, "a refused login is not retried"
+    assert list(tmp_path.iterdir()) == []

@@ -53,8 +53,18 @@ _PARAMS = {
 def _mysql_connection():
     from airflow.providers.mysql.hooks.mysql import MySqlHook
 
+    from penguins.database import ConnectionProblem, open_connection
+
     # local_infile is a constructor argument: the hook does not read it from the connection.
-    return MySqlHook(mysql_conn_id=contract.CONN_ID, local_infile=True).get_conn()
+    hook = MySqlHook(mysql_conn_id=contract.CONN_ID, local_infile=True)
+    connection = hook.get_connection(contract.CONN_ID)
+    try:
+        return open_connection(hook.get_conn, contract.CONN_ID,
+                               f"{connection.host}:{connection.port or 3306}")
+    except ConnectionProblem as problem:
+        if problem.retryable:
+            raise  # the task's retries, with back-off, give the server time to come back
+        raise AirflowFailException(str(problem)) from problem
 
 
 @dag(

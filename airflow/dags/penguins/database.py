@@ -7,8 +7,9 @@ fixed set in ``contract.TABLES``; values are always bound, never pasted into SQL
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import MySQLdb
 import pandas as pd
 
 from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE, TABLES
@@ -44,6 +45,36 @@ _DDL = {
 }
 
 INSERT_BATCH_ROWS = 10_000
+
+# Server answers that no retry can fix: wrong user or password, no such database, no rights.
+_CONFIGURATION_ERRORS = {1044, 1045, 1049, 1698}
+
+
+class ConnectionProblem(RuntimeError):
+    """The database could not be reached; ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def open_connection(connect: Callable[[], MySQLdb.Connection], conn_id: str, address: str):
+    """Call ``connect``; turn a failure into a ConnectionProblem naming the connection."""
+    try:
+        return connect()
+    except MySQLdb.OperationalError as exc:
+        code = exc.args[0] if exc.args else None
+        reason = exc.args[1] if len(exc.args) > 1 else str(exc)
+        if code in _CONFIGURATION_ERRORS:
+            raise ConnectionProblem(
+                f"MySQL at {address} refused connection {conn_id!r}: {reason}. Check the user, "
+                "password and database in its AIRFLOW_CONN_... variable.",
+                retryable=False,
+            ) from exc
+        raise ConnectionProblem(
+            f"cannot reach MySQL at {address} through connection {conn_id!r}: {reason}",
+            retryable=True,
+        ) from exc
 
 
 def _checked(table: str) -> str:
