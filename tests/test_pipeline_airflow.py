@@ -12,6 +12,7 @@ import pytest
 
 from penguins import contract
 from penguins.database import count_rows, read_table
+from tests.data import packaged_rows, write_csv
 
 pytestmark = pytest.mark.airflow
 
@@ -140,6 +141,7 @@ def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_p
     states = _task_states(dag_run)
     assert states["check_source"] == ["failed"]
     assert states["truncate"] == ["upstream_failed"]
+    assert states["train"] == ["upstream_failed"]
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "bad.csv"}
     assert after == before
     # Nothing was emptied: the previous run's rows are still there.
@@ -156,3 +158,25 @@ def test_wrong_credentials_fail_the_run_at_once_and_publish_nothing(run_dag, mys
     assert truncate.state == "failed"
     assert truncate.try_number == 1, "a refused login is not retried"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_cannot_fit_fails_alone_and_the_manifest_says_why(run_dag, tmp_path):
+    # Two penguins per species: with half held out, k-NN has 3 training rows for its 5
+    # neighbours and cannot predict, while logistic regression fits.
+    rows = packaged_rows().dropna()
+    rows = rows[~rows.eq("NA").any(axis=1)].groupby("species").head(2)
+    source = write_csv(tmp_path / "six_penguins.csv", rows)
+    models_dir = tmp_path / "models"
+
+    dag_run = run_dag(models_dir, models=["logistic_regression", "knn"], test_size=0.5,
+                      source_path=str(source))
+
+    assert dag_run.state == "failed"
+    states = {ti.rendered_map_index: ti.state for ti in dag_run.get_task_instances()
+              if ti.task_id == "train"}
+    assert states == {"logistic_regression": "success", "knn": "failed"}
+    assert sorted(p.name for p in models_dir.glob("*.pkl")) == ["logistic_regression.pkl"]
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    assert manifest["best_model"] == "logistic_regression"
+    assert list(manifest["failed"]) == ["knn"]
+    assert "n_neighbors" in manifest["failed"]["knn"]

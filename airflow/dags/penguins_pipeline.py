@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from penguins import contract
@@ -48,6 +48,24 @@ _PARAMS = {
         description="Path to a CSV with the palmerpenguins columns. Empty: the packaged data.",
     ),
 }
+
+
+def _train_and_publish(table: str, model_name: str, context) -> dict:
+    from penguins.database import read_table
+    from penguins.publishing import models_dir, publish_model, signing_key
+    from penguins.training import train
+
+    params = context["params"]
+    with _mysql_connection() as conn:
+        frame = read_table(conn, table)
+    trained = train(frame, model_name, params["test_size"], params["random_seed"])
+    metadata = publish_model(
+        trained, models_dir(), run_id=context["run_id"],
+        source=params["source_path"] or str(contract.default_source()),
+        test_size=params["test_size"], seed=params["random_seed"], key=signing_key(),
+    )
+    print(f"{model_name}: {trained.metrics}, published to {models_dir()}")
+    return {k: metadata[k] for k in ("model_name", "metrics", "sha256")}
 
 
 def _mysql_connection():
@@ -129,41 +147,52 @@ def penguins_pipeline():
 
     @task(map_index_template="{{ model_name }}")
     def train(table: str, model_name: str) -> dict:
-        from penguins.database import read_table
-        from penguins.publishing import models_dir, publish_model, signing_key
-        from penguins.training import train
-
         context = get_current_context()
         context["model_name"] = model_name
-        params = context["params"]
-        with _mysql_connection() as conn:
-            frame = read_table(conn, table)
-        trained = train(frame, model_name, params["test_size"], params["random_seed"])
-        metadata = publish_model(
-            trained, models_dir(), run_id=context["run_id"],
-            source=params["source_path"] or str(contract.default_source()),
-            test_size=params["test_size"], seed=params["random_seed"], key=signing_key(),
-        )
-        print(f"{model_name}: {trained.metrics}, published to {models_dir()}")
-        return {k: metadata[k] for k in ("model_name", "metrics", "sha256")}
+        try:
+            return _train_and_publish(table, model_name, context)
+        except Exception as exc:
+            # Kept for publish_manifest, which records why this model is missing.
+            context["ti"].xcom_push(key="error", value=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, ValueError):
+                # The estimator cannot fit these rows: the same data would fail again.
+                raise AirflowFailException(f"{model_name} cannot be trained: {exc}") from exc
+            raise
 
-    @task
-    def publish_manifest(results: list[dict]) -> str:
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def publish_manifest(models: list[str], results: list[dict]) -> str:
+        """Record every result, even when some models failed; then fail the run if any did."""
         from penguins.publishing import models_dir, write_manifest
 
-        manifest = write_manifest(
-            models_dir(), run_id=get_current_context()["run_id"], results=list(results),
-            failures={},
-        )
-        print(f"best model: {manifest['best_model']}")
+        context = get_current_context()
+        results = list(results)
+        published = {r["model_name"] for r in results}
+        errors = {
+            name: context["ti"].xcom_pull(task_ids="train", key="error", map_indexes=index)
+            for index, name in enumerate(models)
+            if name not in published
+        }
+        if not results and not any(errors.values()):
+            # Training never started (an earlier task failed): keep the last manifest as it is.
+            raise AirflowFailException("no model was trained: an earlier task failed")
+        failures = {
+            name: error or "the task stopped without recording an error; see its log"
+            for name, error in errors.items()
+        }
+        manifest = write_manifest(models_dir(), run_id=context["run_id"], results=results,
+                                  failures=failures)
+        print(f"best model: {manifest['best_model']}; failed: {failures or 'none'}")
+        if failures:
+            raise AirflowFailException(f"models failed to train: {failures}")
         return manifest["best_model"]
 
     source_path = check_source()
     emptied_table = truncate()
     source_path >> emptied_table
     clean_table = preprocess(load_raw(emptied_table, source_path))
-    results = train.partial(table=clean_table).expand(model_name=select_models())
-    publish_manifest(results)
+    models = select_models()
+    results = train.partial(table=clean_table).expand(model_name=models)
+    publish_manifest(models, results)
 
 
 penguins_pipeline()
