@@ -1,0 +1,139 @@
+"""The ASGI application: ``uvicorn serving.app:app --port 8989``.
+
+``create_app`` wires the routes to a model registry that watches ``MODELS_DIR`` for as long as the
+application runs (started and stopped by the ``lifespan``), plus the OpenAPI page, whose
+JavaScript and CSS the service serves itself so that it renders with no internet access.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio.to_thread
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.logging import LoggingConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving import routes
+from serving.metrics import Metrics
+from serving.registry import ModelRegistry
+from serving.schemas import REQUEST_SCHEMAS
+from serving.settings import Settings
+from serving.validation import decode_body_strictly
+
+STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER_UI_VERSION = "5.35.0"
+"""The vendored ``swagger-ui-dist`` in ``static/swagger-ui`` (see its README)."""
+
+API_DESCRIPTION = """\
+Classifies Palmer penguins with the models the Airflow pipeline publishes into `MODELS_DIR`.
+New, replaced and removed models are picked up within a second, without a restart.
+`POST /predict` uses the best model; `POST /predict/{model_name}` a given one."""
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """The service for ``settings`` (by default read from the environment)."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+    registry = ModelRegistry(settings.models_dir, settings.signing_key, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Load what is already published before answering, so /ready is right from the start.
+        await anyio.to_thread.run_sync(registry.refresh)
+        registry.start(settings.reload_interval_seconds)
+        try:
+            yield
+        finally:
+            registry.stop()
+
+    app = Litestar(
+        route_handlers=[
+            routes.health, routes.ready, routes.metrics, routes.list_models, routes.get_model,
+            routes.predict_best, routes.predict, *routes.batch_routes(settings.max_batch_rows),
+            create_static_files_router(
+                path="/static", directories=[STATIC_DIR], include_in_schema=False
+            ),
+        ],
+        state=State({"registry": registry, "metrics": metrics, "settings": settings}),
+        lifespan=[lifespan],
+        before_request=decode_body_strictly,
+        middleware=[_observe_requests(metrics)],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Penguins species prediction",
+            version="1.0.0",
+            description=API_DESCRIPTION,
+            path="/schema",
+            render_plugins=[_swagger()],
+            use_handler_docstrings=True,
+        ),
+        # Log the stack of unexpected errors only; a 4xx or 503 is the caller's or expected.
+        logging_config=LoggingConfig(
+            log_exceptions="always", disable_stack_trace={*range(400, 500), 503}
+        ),
+    )
+    _document_refused_fields(app)
+    return app
+
+
+def _document_refused_fields(app: Litestar) -> None:
+    """Say in the OpenAPI document that request bodies refuse unknown fields, as msgspec does
+    (``forbid_unknown_fields``); Litestar leaves ``additionalProperties`` out."""
+    schemas = app.openapi_schema.components.schemas or {}
+    for name in REQUEST_SCHEMAS:
+        schemas[name].additional_properties = False
+
+
+def _swagger() -> SwaggerRenderPlugin:
+    """Swagger UI at /schema and /schema/swagger, from the vendored assets under /static."""
+    base = "/static/swagger-ui"
+    return SwaggerRenderPlugin(
+        version=SWAGGER_UI_VERSION,
+        js_url=f"{base}/swagger-ui-bundle.js",
+        css_url=f"{base}/swagger-ui.css",
+        standalone_preset_js_url=f"{base}/swagger-ui-standalone-preset.js",
+        # The default favicon is fetched from a CDN.
+        favicon=f"<link rel='icon' type='image/png' href='{base}/favicon-32x32.png'>",
+        path=["/", "/swagger"],
+    )
+
+
+def _observe_requests(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
+    """Middleware that counts each request by route template and status, and times it."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def observe(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            status = 500
+            started = time.perf_counter()
+
+            async def send_and_note_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_and_note_status)
+            finally:
+                metrics.observe_request(
+                    scope.get("path_template") or "unmatched", scope["method"], status,
+                    time.perf_counter() - started,
+                )
+
+        return observe
+
+    return middleware
+
+
+app = create_app()

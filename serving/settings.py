@@ -1,0 +1,77 @@
+"""The service's settings: every knob, read from the environment in this one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T", int, float)
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "shared_models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the service reads from its environment; every field has a usable default."""
+
+    models_dir: Path = DEFAULT_MODELS_DIR
+    """``MODELS_DIR``: the folder the pipeline publishes into (default: the repository's
+    ``shared_models/``, where the DAG writes). The service only ever reads it."""
+
+    signing_key: bytes | None = None
+    """``MODEL_SIGNING_KEY``: when set (non-empty), a model is served only if its metadata
+    carries a matching HMAC-SHA256 signature under this key. Empty or unset: no signature needed."""
+
+    host: str = "127.0.0.1"
+    """``SERVING_HOST``: the address ``python -m serving`` listens on."""
+
+    port: int = 8989
+    """``SERVING_PORT``: the port ``python -m serving`` listens on."""
+
+    max_batch_rows: int = 1000
+    """``MAX_BATCH_ROWS``: the most penguins one batch request may hold."""
+
+    max_body_bytes: int = 1_000_000
+    """``MAX_BODY_BYTES``: the largest request body accepted; a larger one is a 413. The default
+    fits a full batch with room to spare (a penguin is ~200 bytes of JSON)."""
+
+    reload_interval_seconds: float = 0.2
+    """``RELOAD_INTERVAL_SECONDS``: how often ``MODELS_DIR`` is checked for new, changed or removed
+    models. Polling, rather than inotify, also works on bind mounts and network filesystems."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``environ`` (default ``os.environ``); a bad value raises ValueError."""
+        env = os.environ if environ is None else environ
+        key = env.get("MODEL_SIGNING_KEY", "")
+        return cls(
+            models_dir=Path(env.get("MODELS_DIR") or DEFAULT_MODELS_DIR),
+            signing_key=key.encode() if key else None,
+            host=env.get("SERVING_HOST") or cls.host,
+            port=_number(env, "SERVING_PORT", int, cls.port, low=1, high=65535),
+            max_batch_rows=_number(env, "MAX_BATCH_ROWS", int, cls.max_batch_rows, low=1),
+            max_body_bytes=_number(env, "MAX_BODY_BYTES", int, cls.max_body_bytes, low=1024),
+            reload_interval_seconds=_number(
+                env, "RELOAD_INTERVAL_SECONDS", float, cls.reload_interval_seconds,
+                low=0.01, high=60.0,
+            ),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, kind: Callable[[str], _T], default: _T, *,
+            low: _T, high: _T | None = None) -> _T:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    in_range = low <= value and (high is None or value <= high)  # False for NaN, too
+    if not in_range:
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name}={text!r} must be {bounds}")
+    return value

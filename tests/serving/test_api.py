@@ -1,0 +1,223 @@
+"""The endpoints, through Litestar's test client, on the models the pipeline publishes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from penguins import contract
+from serving.settings import Settings
+from tests.serving.conftest import PENGUIN, RUN_ID, publish_raw, wait_until
+
+
+def test_health_answers_without_models(make_client, tmp_path):
+    client = make_client(tmp_path / "does-not-exist-yet")
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("request_line", [
+    ("GET", "/ready", None),
+    ("POST", "/predict", PENGUIN),
+    ("POST", "/predict/svm", PENGUIN),
+    ("POST", "/predict-batch", {"penguins": [PENGUIN]}),
+    ("POST", "/predict-batch/svm", {"penguins": [PENGUIN]}),
+])
+def test_without_a_model_the_service_says_the_pipeline_has_not_published(
+        make_client, tmp_path, request_line):
+    method, path, body = request_line
+    client = make_client(tmp_path)
+    response = client.request(method, path, json=body)
+    assert response.status_code == 503
+    assert "pipeline has not published a model" in response.json()["detail"]
+    assert client.get("/models").json() == {"best_model": None, "models": []}
+
+
+def test_ready_counts_the_loaded_models(client):
+    assert client.get("/ready").json() == {
+        "ready": True, "models_loaded": len(contract.MODEL_NAMES), "best_model": "random_forest"
+    }
+
+
+def test_models_lists_every_published_model_with_its_metadata(client, published):
+    listing = client.get("/models").json()
+    manifest_best = (published.unsigned / "manifest.json").read_text()
+    assert f'"best_model": "{listing["best_model"]}"' in manifest_best
+    assert [m["name"] for m in listing["models"]] == sorted(contract.MODEL_NAMES)
+    for info in listing["models"]:
+        trained = published.trained[info["name"]]
+        assert info["serving"] is True
+        assert info["best"] is (info["name"] == listing["best_model"])
+        assert info["classes"] == list(contract.SPECIES)
+        assert info["metrics"] == trained.metrics
+        assert info["library_versions"]["scikit-learn"]
+        assert info["version"]["dag_run_id"] == RUN_ID
+        assert re.fullmatch(r"[0-9a-f]{12}", info["version"]["version"])
+        assert info["version"]["sha256"].startswith(info["version"]["version"])
+        assert info["loaded_at"] and info["load_error"] is None
+
+
+def test_one_model(client):
+    info = client.get("/models/knn").json()
+    assert info["name"] == "knn" and info["serving"] is True
+    assert client.get("/models/no_such_model").status_code == 404
+
+
+def test_predict_names_the_species_its_probabilities_and_the_version(client):
+    answer = client.post("/predict/logistic_regression", json=PENGUIN).json()
+    assert answer["species"] == "Adelie"
+    assert set(answer["probabilities"]) == set(contract.SPECIES)
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0)
+    assert max(answer["probabilities"], key=answer["probabilities"].get) == "Adelie"
+    assert answer["model"]["name"] == "logistic_regression"
+    assert answer["model"]["trained_at"] and answer["model"]["dag_run_id"] == RUN_ID
+
+
+def test_predict_without_a_name_uses_the_best_model(client):
+    best = client.get("/models").json()["best_model"]
+    assert client.post("/predict", json=PENGUIN).json()["model"]["name"] == best
+
+
+def test_without_the_manifest_the_best_is_the_most_accurate(make_client, models_dir):
+    (models_dir / "manifest.json").unlink()
+    for name in ("random_forest", "svm", "xgboost"):  # the three that score 1.0 on this split
+        for suffix in (".pkl", ".json"):
+            (models_dir / f"{name}{suffix}").unlink()
+    client = make_client(models_dir)
+    assert client.get("/models").json()["best_model"] == "logistic_regression"
+
+
+def test_batch_answers_each_penguin_in_order(client):
+    gentoo = {**PENGUIN, "bill_length_mm": 47.5, "bill_depth_mm": 14.2,
+              "flipper_length_mm": 215.0, "body_mass_g": 5400.0}
+    answer = client.post("/predict-batch/svm", json={"penguins": [PENGUIN, gentoo, PENGUIN]})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert [p["species"] for p in body["predictions"]] == ["Adelie", "Gentoo", "Adelie"]
+    assert body["model"]["name"] == "svm"
+    best = client.post("/predict-batch", json={"penguins": [gentoo]}).json()
+    assert best["model"]["name"] == client.get("/models").json()["best_model"]
+
+
+def test_the_batch_limit_comes_from_the_settings(make_client, models_dir):
+    client = make_client(models_dir, max_batch_rows=3)
+    assert client.post("/predict-batch", json={"penguins": [PENGUIN] * 3}).status_code == 200
+    too_many = client.post("/predict-batch", json={"penguins": [PENGUIN] * 4})
+    assert too_many.status_code == 400
+    assert too_many.json()["extra"][0] == {
+        "message": "Expected `array` of length <= 3", "key": "penguins", "source": "body"
+    }
+    schema = client.get("/schema/openapi.json").json()
+    assert schema["components"]["schemas"]["BatchRequest"]["properties"]["penguins"][
+        "maxItems"] == 3
+
+
+def test_a_signed_model_is_served_when_the_service_has_the_key(make_client, signed_models_dir):
+    client = make_client(signed_models_dir, signing_key=b"test-signing-key")
+    assert client.get("/ready").status_code == 200
+    assert all(m["serving"] for m in client.get("/models").json()["models"])
+
+
+def test_with_a_key_unsigned_models_are_refused_before_unpickling(make_client, models_dir):
+    client = make_client(models_dir, signing_key=b"test-signing-key")
+    assert client.get("/ready").status_code == 503
+    models = client.get("/models").json()["models"]
+    assert len(models) == len(contract.MODEL_NAMES)
+    for info in models:
+        assert info["serving"] is False
+        assert "is not signed" in info["load_error"]["message"]
+    refused = client.post("/predict/svm", json=PENGUIN)
+    assert refused.status_code == 503
+
+
+def test_with_another_key_signed_models_are_refused(make_client, signed_models_dir):
+    client = make_client(signed_models_dir, signing_key=b"another-key")
+    for info in client.get("/models").json()["models"]:
+        assert "signature that does not match" in info["load_error"]["message"]
+
+
+def test_the_openapi_document_describes_the_request_exactly(client):
+    schema = client.get("/schema/openapi.json").json()
+    penguin = schema["components"]["schemas"]["Penguin"]
+    assert list(penguin["properties"]) == list(contract.FEATURES)
+    assert sorted(penguin["required"]) == sorted(contract.FEATURES)
+    assert penguin["additionalProperties"] is False
+    assert schema["components"]["schemas"]["BatchRequest"]["additionalProperties"] is False
+    assert penguin["properties"]["island"]["enum"] == list(contract.ISLANDS)
+    assert penguin["properties"]["sex"]["enum"] == list(contract.SEXES)
+    for name, (low, high) in contract.PLAUSIBLE_RANGES.items():
+        assert (penguin["properties"][name]["minimum"], penguin["properties"][name]["maximum"]) \
+            == (low, high)
+    assert set(schema["paths"]) == {
+        "/health", "/ready", "/metrics", "/models", "/models/{model_name}", "/predict",
+        "/predict/{model_name}", "/predict-batch", "/predict-batch/{model_name}",
+    }
+    predict = schema["paths"]["/predict/{model_name}"]["post"]
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Prediction"
+    }
+    assert predict["parameters"][0]["schema"]["pattern"] == "^[a-z0-9_]{1,64}$"
+    assert set(predict["responses"]) == {"200", "400", "404", "413", "503"}
+
+
+@pytest.mark.parametrize("page", ["/schema", "/schema/swagger"])
+def test_the_docs_page_loads_its_assets_from_the_service_itself(client, page):
+    html = client.get(page).text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert len(assets) == 4  # favicon, CSS, bundle, standalone preset
+    for asset in assets:
+        assert asset.startswith("/static/"), asset
+        assert client.get(asset).status_code == 200
+    assert "http://" not in html and "https://" not in html
+
+
+def test_metrics_count_predictions_reloads_and_errors(client, models_dir):
+    client.post("/predict/svm", json=PENGUIN)
+    client.post("/predict-batch/svm", json={"penguins": [PENGUIN, PENGUIN]})
+    client.post("/predict/svm", json={**PENGUIN, "sex": "unknown"})
+    publish_raw(models_dir, "knn", b"not a pickle")
+    wait_until(lambda: "penguins_model_load_errors_total{" in client.get("/metrics").text)
+    text = client.get("/metrics").text
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'penguins_predictions_total{model="svm"} 2' in text
+    assert 'penguins_predicted_rows_total{model="svm"} 3' in text
+    assert 'penguins_prediction_duration_seconds_count{model="svm"} 2' in text
+    assert 'penguins_model_reloads_total{model="knn"} 1' in text
+    assert 'penguins_model_load_errors_total{model="knn"} 1' in text
+    assert ('penguins_http_requests_total{method="POST",route="/predict/{model_name}",'
+            'status="400"} 1') in text
+    assert f"penguins_models_loaded {len(contract.MODEL_NAMES)}" in text
+
+
+def test_a_missing_models_dir_is_no_error_and_is_watched(make_client, published, tmp_path):
+    directory = tmp_path / "later"
+    client = make_client(directory)
+    assert client.get("/ready").status_code == 503
+    shutil.copytree(published.unsigned, directory)
+    wait_until(lambda: client.get("/ready").status_code == 200)
+
+
+def test_settings_come_from_the_environment():
+    settings = Settings.from_env({
+        "MODELS_DIR": "/models", "MODEL_SIGNING_KEY": "s3cret", "SERVING_HOST": "0.0.0.0",
+        "SERVING_PORT": "9000", "MAX_BATCH_ROWS": "10", "MAX_BODY_BYTES": "2048",
+        "RELOAD_INTERVAL_SECONDS": "0.5",
+    })
+    assert settings == Settings(
+        models_dir=Path("/models"), signing_key=b"s3cret",
+        host="0.0.0.0", port=9000, max_batch_rows=10, max_body_bytes=2048,
+        reload_interval_seconds=0.5,
+    )
+    assert Settings.from_env({"MODEL_SIGNING_KEY": ""}).signing_key is None
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("MAX_BATCH_ROWS", "many"), ("MAX_BATCH_ROWS", "0"), ("SERVING_PORT", "70000"),
+    ("RELOAD_INTERVAL_SECONDS", "nan"), ("MAX_BODY_BYTES", "1.5"),
+])
+def test_a_malformed_setting_is_named(name, value):
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})

@@ -1,0 +1,142 @@
+"""What a user does: start the system without Docker, press Trigger, ask the service.
+
+Starts ``airflow/run_without_docker.py`` (airflow standalone + the prediction service) as a
+user would, triggers ``penguins_pipeline`` through Airflow's REST API exactly as the UI's
+Trigger button does (a token, then a new DAG run with its conf), waits for it, then asks the
+service, through ``serving/client.py``, for a prediction from every new model. Every process
+is stopped at the end, also when the test fails, and the test fails if any is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from penguins.contract import MODEL_NAMES
+from serving.client import PenguinsClient
+from tests.conftest import REPO
+from tests.mysql_server import free_port
+
+pytestmark = pytest.mark.airflow
+
+PENGUIN = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0,
+           "flipper_length_mm": 218, "body_mass_g": 4950, "sex": "female", "year": 2008}
+
+
+def _processes_with(variable: bytes) -> list[int]:
+    """The processes whose environment holds ``variable`` (our AIRFLOW_HOME: nobody else's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                if variable in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _wait(what: str, check, seconds: float, log: Path):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except requests.RequestException:
+            pass  # a busy api-server on a loaded 2-core machine: ask again
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {seconds:.0f} s; log:\n"
+                + log.read_text(errors="replace")[-4000:])
+
+
+@pytest.fixture
+def system(mysql, tmp_path):
+    """The whole system, started with the README's no-Docker command; stopped afterwards."""
+    home, models, log = tmp_path / "home", tmp_path / "models", tmp_path / "system.log"
+    api_port, serving_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env.update(AIRFLOW_HOME=str(home), AIRFLOW_API_PORT=str(api_port),
+               SERVING_PORT=str(serving_port), MODELS_DIR=str(models),
+               AIRFLOW_CONN_MYSQL_AIRFLOW_CONN=mysql.url, AIRFLOW_PARALLELISM="3")
+
+    def own_session() -> None:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with log.open("wb") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, str(REPO / "airflow" / "run_without_docker.py")], env=env,
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=own_session,
+        )
+    marker = f"AIRFLOW_HOME={home}".encode()
+    try:
+        _wait("the system's start", lambda: launcher.poll() is not None
+              or "Ctrl-C stops both" in log.read_text(errors="replace"), 300, log)
+        assert launcher.poll() is None, log.read_text(errors="replace")[-4000:]
+        yield {"airflow": f"http://127.0.0.1:{api_port}",
+               "serving": f"http://127.0.0.1:{serving_port}", "home": home, "models": models,
+               "log": log}
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=120)
+        finally:
+            leftovers = _processes_with(marker)
+            for pid in leftovers:
+                os.kill(pid, signal.SIGKILL)
+        assert launcher.returncode == 0, log.read_text(errors="replace")[-4000:]
+        assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system):
+    api = requests.Session()
+    users = json.loads((system["home"] / "simple_auth_manager_passwords.json.generated")
+                       .read_text())
+    username, password = next(iter(users.items()))
+    token = api.post(f"{system['airflow']}/auth/token",
+                     json={"username": username, "password": password}, timeout=30)
+    assert token.status_code in (200, 201), token.text
+    api.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+    dag_url = f"{system['airflow']}/api/v2/dags/penguins_pipeline"
+    _wait("the DAG's parsing", lambda: api.get(dag_url, timeout=30).ok, 120, system["log"])
+    assert api.get(dag_url, timeout=30).json()["is_paused"] is False
+
+    triggered = api.post(f"{dag_url}/dagRuns", timeout=30,
+                         json={"logical_date": None, "conf": {"models": list(MODEL_NAMES)}})
+    assert triggered.status_code == 200, triggered.text
+    run_id = triggered.json()["dag_run_id"]
+    run_url = f"{dag_url}/dagRuns/{run_id}"
+
+    def finished():
+        state = api.get(run_url, timeout=30).json()["state"]
+        return state if state in ("success", "failed") else None
+
+    assert _wait("the DAG run", finished, 600, system["log"]) == "success"
+    instances = api.get(f"{run_url}/taskInstances", timeout=30).json()["task_instances"]
+    training = {ti["rendered_map_index"]: ti["state"] for ti in instances
+                if ti["task_id"] == "train"}
+    assert training == dict.fromkeys(MODEL_NAMES, "success")
+
+    with PenguinsClient(system["serving"]) as client:
+        def all_new_models_served():
+            listed = client.models()["models"]
+            return all(
+                any(m["name"] == name and m["serving"]
+                    and m["version"]["dag_run_id"] == run_id for m in listed)
+                for name in MODEL_NAMES
+            )
+
+        _wait("the service's reload", all_new_models_served, 10, system["log"])
+        for name in MODEL_NAMES:
+            answer = client.predict(PENGUIN, model=name)
+            assert answer["species"] == "Gentoo", (name, answer)
+            assert answer["model"]["dag_run_id"] == run_id
+            assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6
