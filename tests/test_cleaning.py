@@ -14,6 +14,7 @@ def test_the_packaged_data_cleans_to_333_complete_rows():
     assert report == {
         "raw_rows": 344,
         "dropped_missing_value": 11,
+        "dropped_not_a_number": 0,
         "dropped_invalid_value": 0,
         "dropped_duplicate": 0,
         "clean_rows": 333,
@@ -27,10 +28,11 @@ def test_the_packaged_data_cleans_to_333_complete_rows():
 
 
 def _row(**changes):
+    # As the raw table holds it: every value the text the source shipped.
     row = {
-        "source_row": 1, "species": "Adelie", "island": "Dream", "bill_length_mm": 39.1,
-        "bill_depth_mm": 18.7, "flipper_length_mm": 181.0, "body_mass_g": 3750.0,
-        "sex": "male", "year": 2007,
+        "source_row": 1, "species": "Adelie", "island": "Dream", "bill_length_mm": "39.1",
+        "bill_depth_mm": "18.7", "flipper_length_mm": "181", "body_mass_g": "3750",
+        "sex": "male", "year": "2007",
     }
     return row | changes
 
@@ -45,16 +47,22 @@ def test_dirty_rows_are_normalised_or_dropped_and_counted():
         _row(source_row=6, species=" adelie ", island="DREAM ", sex=" Male"),
         _row(source_row=7, sex="unknown"),
         _row(source_row=8, bill_depth_mm=18.8),
+        _row(source_row=9, body_mass_g="heavy"),
+        _row(source_row=10, bill_depth_mm=" 19.5 "),
+        _row(source_row=11, year="2007.5"),
+        _row(source_row=12, flipper_length_mm="inf"),
     ])
 
     cleaned, report = clean(raw)
 
-    assert list(cleaned["source_row"]) == [1, 8]
+    assert list(cleaned["source_row"]) == [1, 8, 10]
+    assert cleaned["bill_depth_mm"].tolist() == [18.7, 18.8, 19.5]
     assert cleaned.loc[0, ["species", "island", "sex"]].tolist() == ["Adelie", "Dream", "male"]
     assert report == {
-        "raw_rows": 8,
+        "raw_rows": 12,
         "dropped_missing_value": 1,
-        "dropped_invalid_value": 4,
+        "dropped_not_a_number": 1,
+        "dropped_invalid_value": 6,
         "dropped_duplicate": 1,
-        "clean_rows": 2,
+        "clean_rows": 3,
     }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from penguins import contract
@@ -180,3 +181,27 @@ def test_a_model_that_cannot_fit_fails_alone_and_the_manifest_says_why(run_dag, 
     assert manifest["best_model"] == "logistic_regression"
     assert list(manifest["failed"]) == ["knn"]
     assert "n_neighbors" in manifest["failed"]["knn"]
+
+
+def test_dirty_rows_are_loaded_as_shipped_then_dropped_by_preprocess(run_dag, db, tmp_path):
+    rows = packaged_rows()
+    rows.loc[0, "body_mass_g"] = "heavy"  # not a number
+    rows.loc[1, "island"] = " torgersen "  # stray space and case: kept, normalised
+    rows.loc[2, "flipper_length_mm"] = "-181"  # absurd
+    rows.loc[4, "island"] = "Atlantis"  # unknown
+    rows = pd.concat([rows, rows.iloc[[5]]])  # a duplicate
+    source = write_csv(tmp_path / "dirty.csv", rows)
+
+    dag_run = run_dag(tmp_path / "models", models=["logistic_regression"],
+                      source_path=str(source))
+
+    assert dag_run.state == "success", _task_states(dag_run)
+    raw = read_table(db, contract.RAW_TABLE)
+    assert len(raw) == 345
+    assert raw.loc[0, "body_mass_g"] == "heavy"
+    assert raw.loc[1, "island"] == " torgersen "
+    clean = read_table(db, contract.CLEAN_TABLE)
+    # 11 rows miss a value; 4 dirty rows and the duplicate go too.
+    assert len(clean) == 345 - 11 - 4
+    assert set(clean["source_row"]) & {1, 3, 5, 345} == set()
+    assert clean.loc[clean["source_row"] == 2, "island"].item() == "Torgersen"

@@ -45,7 +45,11 @@ def _with(tmp_path, column, row, value):
             lambda p: write_csv(p / "extra.csv", packaged_rows().assign(colour="blue")),
             "unexpected ['colour']",
         ),
-        (lambda p: _with(p, "body_mass_g", 10, "heavy"), "data row 11: column 'body_mass_g'"),
+        (
+            lambda p: write_csv(p / "shifted.csv", packaged_rows().assign(body_mass_g="heavy")),
+            "column 'body_mass_g' is not numbers: 344 of 344 values are not (the first, data row 1",
+        ),
+        (lambda p: _with(p, "island", 5, "x" * 65), "data row 6: column 'island'"),
         (lambda p: _with(p, "species", 300, "Emperor"), "'Emperor' is not one of"),
         (lambda p: _write(p / "binary.csv", b"\x00\xff\xfe" * 100), "expected the columns"),
     ],
@@ -64,3 +68,11 @@ def _write(path, content):
     else:
         path.write_text(content)
     return path
+
+
+def test_a_few_dirty_values_are_left_for_preprocess(tmp_path):
+    rows = packaged_rows()
+    rows.loc[[3, 50, 200], "body_mass_g"] = ["heavy", "12,5", "?"]
+    rows.loc[7, "species"] = " gentoo "
+    source = check_source(write_csv(tmp_path / "dirty.csv", rows))
+    assert source.rows == 344

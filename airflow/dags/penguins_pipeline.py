@@ -139,6 +139,7 @@ def penguins_pipeline():
             cleaned, report = clean(read_table(conn, table))
             write_clean(conn, cleaned)
         print(f"cleaned {table} into {contract.CLEAN_TABLE}: {report}")
+        get_current_context()["ti"].xcom_push(key="cleaning_report", value=report)
         return contract.CLEAN_TABLE
 
     @task

@@ -16,19 +16,14 @@ from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE, TABLE
 from penguins.source import Source
 
 # ``source_row`` is the row's position in the source file: it keeps reads in file order, so the
-# same data and seed give the same train/test split on every run.
+# same data and seed give the same train/test split on every run. The raw table keeps every
+# value as the text the source ships (types are the clean table's business), so a dirty value
+# is stored as it came and counted by preprocess, not lost or turned into 0 by the load.
 _DDL = {
     RAW_TABLE: f"""
         CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
             source_row INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-            species VARCHAR(64) NULL,
-            island VARCHAR(64) NULL,
-            bill_length_mm DOUBLE NULL,
-            bill_depth_mm DOUBLE NULL,
-            flipper_length_mm DOUBLE NULL,
-            body_mass_g DOUBLE NULL,
-            sex VARCHAR(64) NULL,
-            year INT NULL
+            {", ".join(f"{column} VARCHAR(64) NULL" for column in COLUMNS)}
         )""",
     CLEAN_TABLE: f"""
         CREATE TABLE IF NOT EXISTS {CLEAN_TABLE} (
@@ -97,7 +92,8 @@ def load_raw(conn, source: Source) -> int:
     """Bulk-load a checked source file into the raw table as it ships; return the row count.
 
     ``LOAD DATA LOCAL INFILE`` streams the file from the client, so memory stays flat however
-    large the file is. ``NA`` and empty fields become SQL NULL; nothing else is changed.
+    large the file is. ``NA`` and empty fields become SQL NULL; every other value is stored as
+    the text it is in the file.
     """
     variables = ", ".join(f"@{column}" for column in source.columns)
     assignments = ", ".join(f"{column} = {_null_if_missing(column)}" for column in COLUMNS)
@@ -117,10 +113,8 @@ def load_raw(conn, source: Source) -> int:
 
 
 def _null_if_missing(column: str) -> str:
-    expression = f"TRIM(@{column})"
-    for marker in NA_MARKERS:
-        expression = f"NULLIF({expression}, '{marker}')"
-    return expression
+    markers = ", ".join(f"'{marker}'" for marker in NA_MARKERS)
+    return f"IF(TRIM(@{column}) IN ({markers}), NULL, @{column})"
 
 
 def read_table(conn, table: str) -> pd.DataFrame:

@@ -1,7 +1,11 @@
 """Checking a source CSV before anything in the database is emptied.
 
-The check streams the file in chunks, so a million-row source costs little memory, and it stops
-at the first problem with a message that names the file, the row and the column.
+The check streams the file in chunks, so a million-row source costs little memory, and a
+refusal names the file, the row and the column. It refuses what is a wrong *file*: missing or
+unexpected columns, no rows, an unknown species, a value too long to store, or a measurement
+column that is mostly not numbers (a shifted column or a wrong delimiter). A few dirty values
+in otherwise good columns are a *row* problem: they are loaded as they are and ``preprocess``
+drops and counts those rows.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import pandas as pd
 from penguins.contract import COLUMNS, LABEL, NA_MARKERS, NUMERIC_FEATURES, SPECIES
 
 CHUNK_ROWS = 100_000
+MAX_VALUE_LENGTH = 64
+"""The raw table's VARCHAR width: a longer value could not be stored as it is."""
+MAX_NOT_A_NUMBER_SHARE = 0.05
+"""Above this share of non-numbers among its present values, a measurement column is wrong."""
 
 
 class SourceError(ValueError):
@@ -51,27 +59,60 @@ def check_source(path: str | Path) -> Source:
         )
 
     rows = 0
+    not_numbers = NotNumbers()
     try:
         chunks = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
         for chunk in chunks:
-            _check_chunk(path, chunk, first_row=rows + 1)
+            _check_chunk(path, chunk, first_row=rows + 1, not_numbers=not_numbers)
             rows += len(chunk)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SourceError(f"source {path}: not a well-formed CSV ({exc})") from exc
     if rows == 0:
         raise SourceError(f"source {path}: the header has no data rows under it")
+    not_numbers.check(path)
     line_terminator = "\r\n" if b"\r\n" in head else "\n"
     return Source(path=path, columns=columns, rows=rows, line_terminator=line_terminator)
 
 
-def _check_chunk(path: Path, chunk: pd.DataFrame, first_row: int) -> None:
+class NotNumbers:
+    """Counts, per measurement column, the present values that are not numbers."""
+
+    def __init__(self) -> None:
+        self.present = dict.fromkeys(NUMERIC_FEATURES, 0)
+        self.bad = dict.fromkeys(NUMERIC_FEATURES, 0)
+        self.first: dict[str, tuple[int, str]] = {}
+
+    def count(self, column: str, present: pd.Series, bad: pd.Series, values: pd.Series,
+              first_row: int) -> None:
+        self.present[column] += int(present.sum())
+        self.bad[column] += int(bad.sum())
+        if bad.any() and column not in self.first:
+            position = int(bad.to_numpy().argmax())
+            self.first[column] = (first_row + position, values.iloc[position])
+
+    def check(self, path: Path) -> None:
+        for column in NUMERIC_FEATURES:
+            if self.bad[column] > MAX_NOT_A_NUMBER_SHARE * max(self.present[column], 1):
+                row, value = self.first[column]
+                raise SourceError(
+                    f"source {path}: column {column!r} is not numbers: {self.bad[column]} of "
+                    f"{self.present[column]} values are not (the first, data row {row}: "
+                    f"{value!r})"
+                )
+
+
+def _check_chunk(path: Path, chunk: pd.DataFrame, first_row: int, not_numbers: NotNumbers) -> None:
+    for column in chunk.columns:
+        too_long = chunk[column].str.len() > MAX_VALUE_LENGTH
+        _raise_at_first(path, chunk, too_long, column, first_row,
+                        f"is longer than {MAX_VALUE_LENGTH} characters")
     for column in NUMERIC_FEATURES:
         text = chunk[column].str.strip()
         present = ~text.isin(NA_MARKERS)
         unparseable = present & pd.to_numeric(text, errors="coerce").isna()
-        _raise_at_first(path, chunk, unparseable, column, first_row, "is not a number")
+        not_numbers.count(column, present, unparseable, chunk[column], first_row)
     species = chunk[LABEL].str.strip()
-    unknown = ~species.isin(NA_MARKERS) & ~species.isin(SPECIES)
+    unknown = ~species.isin(NA_MARKERS) & ~species.str.title().isin(SPECIES)
     _raise_at_first(path, chunk, unknown, LABEL, first_row, f"is not one of {', '.join(SPECIES)}")
 
 
