@@ -48,8 +48,9 @@ def test_the_dag_runs_the_stages_in_order(dag):
     assert downstream["truncate"] == {"load_raw"}
     assert downstream["load_raw"] == {"preprocess"}
     assert downstream["preprocess"] == {"train"}
-    assert downstream["select_models"] == {"train"}
+    assert downstream["select_models"] == {"train", "publish_manifest"}
     assert downstream["train"] == {"publish_manifest"}
+    assert dag.get_task("publish_manifest").trigger_rule == "all_done"
 
 
 def test_training_is_mapped_and_named_after_each_model(dag):
