@@ -17,6 +17,9 @@ from tests.data import packaged_rows, write_csv
 
 pytestmark = pytest.mark.airflow
 
+DEFAULT_CONF = {"models": list(contract.MODEL_NAMES), "test_size": 0.25, "random_seed": 42,
+                "source_path": None}
+
 
 @pytest.fixture(scope="module")
 def dag():
@@ -36,7 +39,9 @@ def run_dag(dag, mysql, airflow_db, monkeypatch):
     def run(models_dir: Path, conn_url: str = mysql.url, **conf):
         monkeypatch.setenv("AIRFLOW_CONN_MYSQL_AIRFLOW_CONN", conn_url)
         monkeypatch.setenv("MODELS_DIR", str(models_dir))
-        return dag.test(run_conf=conf)
+        # Every Param, every time: dag.test() runs tasks in this process on the one DAG object,
+        # and a run's conf stays in its params for the next run.
+        return dag.test(run_conf=DEFAULT_CONF | conf)
 
     return run
 
