@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +75,13 @@ def ensure_database(url: str) -> None:
         conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
 
 
+def _refuse_taken_port(port: str, what: str) -> None:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", int(port))) == 0:
+            raise SystemExit(f"port {port} is taken: something already listens there, so {what} "
+                             "cannot; stop it or choose another port (see the docstring)")
+
+
 def _wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -108,6 +116,8 @@ def main() -> None:
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     Path(env["MODELS_DIR"]).mkdir(parents=True, exist_ok=True)
     api_port, serving_port = env["AIRFLOW__API__PORT"], env.get("SERVING_PORT", "8989")
+    _refuse_taken_port(api_port, "Airflow's api-server")
+    _refuse_taken_port(serving_port, "the prediction service")
 
     # Own process groups, and the default SIGINT handling restored: airflow standalone stops
     # cleanly on SIGINT only, and a background shell job would start with SIGINT ignored.
@@ -137,11 +147,15 @@ def main() -> None:
               f"\nModels folder:      {env['MODELS_DIR']}\nCtrl-C stops both.\n", flush=True)
         while airflow.poll() is None and serving.poll() is None:
             time.sleep(1)
+        ended = "airflow standalone" if airflow.poll() is not None else "the prediction service"
+        print(f"{ended} stopped by itself; stopping the rest", file=sys.stderr, flush=True)
+        exit_code = 1
     except KeyboardInterrupt:
-        pass
+        exit_code = 0
     finally:
         stop(serving, signal.SIGTERM)
         stop(airflow, signal.SIGINT)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":
