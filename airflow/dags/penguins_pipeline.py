@@ -99,8 +99,8 @@ def _mysql_connection():
 )
 def penguins_pipeline():
     @task
-    def check_source() -> str:
-        """Refuse a bad source before anything is emptied; return its path."""
+    def check_source() -> dict:
+        """Refuse a bad source before anything is emptied; return its path and row count."""
         from penguins.source import SourceError, check_source
 
         params = get_current_context()["params"]
@@ -110,7 +110,7 @@ def penguins_pipeline():
         except SourceError as exc:
             raise AirflowFailException(str(exc)) from exc  # a bad file will not fix itself
         print(f"source {source.path}: {source.rows} rows, columns {', '.join(source.columns)}")
-        return str(source.path)
+        return {"path": str(source.path), "rows": source.rows}
 
     @task
     def truncate() -> str:
@@ -121,12 +121,12 @@ def penguins_pipeline():
         return contract.RAW_TABLE
 
     @task
-    def load_raw(table: str, source_path: str) -> str:
+    def load_raw(table: str, source: dict) -> str:
         from penguins.database import load_raw
-        from penguins.source import check_source
+        from penguins.source import read_layout
 
         with _mysql_connection() as conn:
-            rows = load_raw(conn, check_source(source_path))
+            rows = load_raw(conn, read_layout(source["path"], rows=source["rows"]))
         print(f"loaded {rows} rows into {table}")
         return table
 
@@ -187,10 +187,10 @@ def penguins_pipeline():
             raise AirflowFailException(f"models failed to train: {failures}")
         return manifest["best_model"]
 
-    source_path = check_source()
+    source = check_source()
     emptied_table = truncate()
-    source_path >> emptied_table
-    clean_table = preprocess(load_raw(emptied_table, source_path))
+    source >> emptied_table
+    clean_table = preprocess(load_raw(emptied_table, source))
     models = select_models()
     results = train.partial(table=clean_table).expand(model_name=models)
     publish_manifest(models, results)

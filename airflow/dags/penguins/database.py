@@ -113,8 +113,10 @@ def load_raw(conn, source: Source) -> int:
 
 
 def _null_if_missing(column: str) -> str:
-    markers = ", ".join(f"'{marker}'" for marker in NA_MARKERS)
-    return f"IF(TRIM(@{column}) IN ({markers}), NULL, @{column})"
+    expression = f"@{column}"
+    for marker in NA_MARKERS:
+        expression = f"NULLIF({expression}, '{marker}')"
+    return expression
 
 
 def read_table(conn, table: str) -> pd.DataFrame:

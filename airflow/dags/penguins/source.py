@@ -10,14 +10,16 @@ drops and counts those rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+from pandas.api.types import is_numeric_dtype
 
 from penguins.contract import COLUMNS, LABEL, NA_MARKERS, NUMERIC_FEATURES, SPECIES
 
 CHUNK_ROWS = 100_000
+TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in NUMERIC_FEATURES)
 MAX_VALUE_LENGTH = 64
 """The raw table's VARCHAR width: a longer value could not be stored as it is."""
 MAX_NOT_A_NUMBER_SHARE = 0.05
@@ -41,6 +43,33 @@ class Source:
 
 def check_source(path: str | Path) -> Source:
     """Check that ``path`` is a penguins CSV the loader can take as it is, or raise SourceError."""
+    layout = read_layout(path, rows=0)
+    rows = 0
+    not_numbers = NotNumbers()
+    try:
+        # Measurement columns are left to the C parser: a chunk whose column parses as numbers
+        # needs no further look, and only a column with a dirty value stays text.
+        chunks = pd.read_csv(
+            layout.path, dtype=dict.fromkeys(TEXT_COLUMNS, str), na_values=list(NA_MARKERS),
+            keep_default_na=False, chunksize=CHUNK_ROWS,
+        )
+        for chunk in chunks:
+            _check_chunk(layout.path, chunk, first_row=rows + 1, not_numbers=not_numbers)
+            rows += len(chunk)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SourceError(f"source {layout.path}: not a well-formed CSV ({exc})") from exc
+    if rows == 0:
+        raise SourceError(f"source {layout.path}: the header has no data rows under it")
+    not_numbers.check(layout.path)
+    return replace(layout, rows=rows)
+
+
+def read_layout(path: str | Path, rows: int) -> Source:
+    """The layout of a source already checked to hold ``rows`` rows, from its header alone.
+
+    The loader needs only the column order and line ending; reading those does not repeat the
+    full check, which ran before the tables were emptied.
+    """
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"source {path}: no such file")
@@ -57,19 +86,6 @@ def check_source(path: str | Path) -> Source:
             f"source {path}: expected the columns {', '.join(COLUMNS)}; "
             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
         )
-
-    rows = 0
-    not_numbers = NotNumbers()
-    try:
-        chunks = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
-        for chunk in chunks:
-            _check_chunk(path, chunk, first_row=rows + 1, not_numbers=not_numbers)
-            rows += len(chunk)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise SourceError(f"source {path}: not a well-formed CSV ({exc})") from exc
-    if rows == 0:
-        raise SourceError(f"source {path}: the header has no data rows under it")
-    not_numbers.check(path)
     line_terminator = "\r\n" if b"\r\n" in head else "\n"
     return Source(path=path, columns=columns, rows=rows, line_terminator=line_terminator)
 
@@ -102,17 +118,22 @@ class NotNumbers:
 
 
 def _check_chunk(path: Path, chunk: pd.DataFrame, first_row: int, not_numbers: NotNumbers) -> None:
-    for column in chunk.columns:
+    dirty_numbers = [c for c in NUMERIC_FEATURES if not is_numeric_dtype(chunk[c])]
+    for column in (*TEXT_COLUMNS, *dirty_numbers):
         too_long = chunk[column].str.len() > MAX_VALUE_LENGTH
         _raise_at_first(path, chunk, too_long, column, first_row,
                         f"is longer than {MAX_VALUE_LENGTH} characters")
     for column in NUMERIC_FEATURES:
-        text = chunk[column].str.strip()
-        present = ~text.isin(NA_MARKERS)
-        unparseable = present & pd.to_numeric(text, errors="coerce").isna()
+        present = chunk[column].notna()
+        if column in dirty_numbers:
+            text = chunk[column].str.strip()
+            unparseable = present & ~text.isin(NA_MARKERS) & pd.to_numeric(
+                text, errors="coerce").isna()
+        else:
+            unparseable = pd.Series(False, index=chunk.index)
         not_numbers.count(column, present, unparseable, chunk[column], first_row)
     species = chunk[LABEL].str.strip()
-    unknown = ~species.isin(NA_MARKERS) & ~species.str.title().isin(SPECIES)
+    unknown = species.notna() & ~species.isin(NA_MARKERS) & ~species.str.title().isin(SPECIES)
     _raise_at_first(path, chunk, unknown, LABEL, first_row, f"is not one of {', '.join(SPECIES)}")
 
 
