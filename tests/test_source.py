@@ -50,6 +50,8 @@ def _with(tmp_path, column, row, value):
             "column 'body_mass_g' is not numbers: 344 of 344 values are not (the first, data row 1",
         ),
         (lambda p: _with(p, "island", 5, "x" * 65), "data row 6: column 'island'"),
+        (lambda p: _with(p, "bill_length_mm", 7, "39." + "1" * 70),
+         "data row 8: column 'bill_length_mm'"),
         (lambda p: _with(p, "species", 300, "Emperor"), "'Emperor' is not one of"),
         (lambda p: _write(p / "binary.csv", b"\x00\xff\xfe" * 100), "expected the columns"),
     ],

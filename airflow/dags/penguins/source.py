@@ -44,13 +44,16 @@ class Source:
 def check_source(path: str | Path) -> Source:
     """Check that ``path`` is a penguins CSV the loader can take as it is, or raise SourceError."""
     layout = read_layout(path, rows=0)
+    # A value is never longer than its line. Only a file with a long line needs its measurement
+    # columns kept as text: a value the C parser turns into a number has no length left to check.
+    text_columns = TEXT_COLUMNS if _longest_line(layout.path) <= MAX_VALUE_LENGTH else COLUMNS
     rows = 0
     not_numbers = NotNumbers()
     try:
         # Measurement columns are left to the C parser: a chunk whose column parses as numbers
         # needs no further look, and only a column with a dirty value stays text.
         chunks = pd.read_csv(
-            layout.path, dtype=dict.fromkeys(TEXT_COLUMNS, str), na_values=list(NA_MARKERS),
+            layout.path, dtype=dict.fromkeys(text_columns, str), na_values=list(NA_MARKERS),
             keep_default_na=False, chunksize=CHUNK_ROWS,
         )
         for chunk in chunks:
@@ -88,6 +91,18 @@ def read_layout(path: str | Path, rows: int) -> Source:
         )
     line_terminator = "\r\n" if b"\r\n" in head else "\n"
     return Source(path=path, columns=columns, rows=rows, line_terminator=line_terminator)
+
+
+def _longest_line(path: Path) -> int:
+    """The length in bytes of the longest data line (not the header), read 1 MiB at a time."""
+    longest, tail = 0, b""
+    with path.open("rb") as f:
+        f.readline()
+        while block := f.read(1 << 20):
+            lines = (tail + block).split(b"\n")
+            tail = lines.pop()  # the start of a line that the next block ends
+            longest = max(longest, max(map(len, lines), default=0))
+    return max(longest, len(tail))
 
 
 class NotNumbers:
