@@ -26,7 +26,7 @@ from serving.metrics import Metrics
 from serving.registry import ModelRegistry
 from serving.schemas import REQUEST_SCHEMAS
 from serving.settings import Settings
-from serving.validation import decode_body_strictly
+from serving.validation import StrictRequest, decode_body_strictly
 
 STATIC_DIR = Path(__file__).parent / "static"
 SWAGGER_UI_VERSION = "5.35.0"
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     """The service for ``settings`` (by default read from the environment)."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
-    registry = ModelRegistry(settings.models_dir, settings.signing_key, metrics)
+    registry = ModelRegistry(settings.models_dir, settings.signing_key, metrics,
+                             compile_models=settings.fast_predictors)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -61,10 +62,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             create_static_files_router(
                 path="/static", directories=[STATIC_DIR], include_in_schema=False
             ),
+            *([routes.ceiling] if settings.benchmark_endpoints else []),
         ],
         state=State({"registry": registry, "metrics": metrics, "settings": settings}),
         lifespan=[lifespan],
         before_request=decode_body_strictly,
+        request_class=StrictRequest,
         middleware=[_observe_requests(metrics)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(

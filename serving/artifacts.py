@@ -27,16 +27,26 @@ from typing import Any
 import sklearn
 from sklearn.exceptions import InconsistentVersionWarning
 
-from serving.contract import FORMAT_VERSION, ISLANDS, PLAUSIBLE_RANGES, SEXES
-from serving.predictors import PipelinePredictor, Predictor
+from serving.contract import FEATURES, FORMAT_VERSION, ISLANDS, PLAUSIBLE_RANGES, SEXES
+from serving.predictors import Predictor, choose_predictor
 
 MAX_METADATA_BYTES = 1_000_000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 ALLOWED_PACKAGES = frozenset({"sklearn", "numpy", "scipy", "xgboost"})
-"""The only packages whose classes and functions a model's pickle may name."""
+"""The only packages whose classes a model's pickle may name."""
 ALLOWED_BUILTINS = frozenset({"slice", "set", "frozenset", "complex", "range", "bytearray"})
 """Harmless builtins a pickle may name (never ``eval``, ``exec``, ``getattr`` or ``__import__``)."""
+ALLOWED_FUNCTIONS = frozenset({
+    "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+    "numpy._core.numeric._frombuffer", "numpy.core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy.core.numeric._frombuffer",
+    "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
+    "numpy.random._pickle.__generator_ctor",
+})
+"""The functions, as opposed to classes, a pickle may name: NumPy's array and random-state
+rebuilders. These packages also hold functions that run code (``numpy.testing``'s ``runstring``)
+or load files, so a function must be listed here (or be one of scikit-learn's Cython ``newObj``)."""
 
 _SMOKE_ROW = {
     **{name: (low + high) / 2 for name, (low, high) in PLAUSIBLE_RANGES.items()},
@@ -63,6 +73,9 @@ class LoadedModel:
     metadata: dict[str, Any]
     classes: tuple[str, ...]
     loaded_at: datetime
+    not_compiled: str | None = None
+    """Why the model is served by its pipeline rather than compiled, when compiling was wanted
+    (``predictors.choose_predictor``)."""
 
     @property
     def sha256(self) -> str:
@@ -73,10 +86,12 @@ class LoadedModel:
         return self.sha256[:12]
 
 
-def load_model(directory: Path, name: str, key: bytes | None) -> LoadedModel:
+def load_model(directory: Path, name: str, key: bytes | None, *,
+               compile_model: bool = True) -> LoadedModel:
     """Verify and load the model ``name`` from ``directory``; raise ArtifactError if refused.
 
-    ``name`` must already be a valid model name (``contract.MODEL_NAME_PATTERN``).
+    ``name`` must already be a valid model name (``contract.MODEL_NAME_PATTERN``). With
+    ``compile_model``, the model is served by a compiled predictor if one matches it.
     """
     metadata = _read_metadata(directory, name)
     classes = _check_metadata(metadata, name, key)
@@ -96,7 +111,8 @@ def load_model(directory: Path, name: str, key: bytes | None) -> LoadedModel:
         )
     model = _unpickle(name, payload, metadata["versions"])
     try:
-        predictor = PipelinePredictor(model, len(classes))
+        predictor, not_compiled = choose_predictor(model, len(classes),
+                                                   compile_model=compile_model)
         codes, probabilities = predictor.predict([_SMOKE_ROW])
     except Exception as exc:
         raise ArtifactError(f"{name}.pkl is not a usable penguins model: {exc}") from exc
@@ -105,7 +121,19 @@ def load_model(directory: Path, name: str, key: bytes | None) -> LoadedModel:
             f"{name}.pkl answered shapes {codes.shape} and {probabilities.shape} for one penguin; "
             f"expected (1,) and (1, {len(classes)})"
         )
-    return LoadedModel(name, predictor, metadata, classes, datetime.now(UTC))
+    _check_features(name, model)
+    return LoadedModel(name, predictor, metadata, classes, datetime.now(UTC), not_compiled)
+
+
+def _check_features(name: str, model: Any) -> None:
+    """The model must have been fitted on a frame of exactly the contract's features: one fitted
+    on a subset would still answer the smoke test, silently ignoring the rest."""
+    fitted_on = getattr(model, "feature_names_in_", None)
+    if fitted_on is None or list(fitted_on) != list(FEATURES):
+        raise ArtifactError(
+            f"{name}.pkl was fitted on the features "
+            f"{'(unnamed)' if fitted_on is None else list(fitted_on)}, not on {list(FEATURES)}"
+        )
 
 
 def signature_of(metadata: dict[str, Any], key: bytes) -> str:
@@ -126,10 +154,16 @@ def read_inside(directory: Path, filename: str, max_bytes: int) -> bytes:
     if not resolved.is_relative_to(directory.resolve(strict=True)):
         raise ArtifactError(f"{filename} is a link to {resolved}, outside MODELS_DIR")
     fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        # Before fdopen, which refuses a directory with an IsADirectoryError.
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"{filename} is not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         # One byte more than allowed, to notice a file that grew after the fstat.
         data = f.read(max_bytes + 1)
     if st.st_size > max_bytes or len(data) > max_bytes:
@@ -145,7 +179,7 @@ def _read_metadata(directory: Path, name: str) -> dict[str, Any]:
     raw = read_inside(directory, f"{name}.json", MAX_METADATA_BYTES)
     try:
         metadata = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested 100,000 deep
         raise ArtifactError(f"{name}.json is not valid JSON: {exc}") from exc
     if not isinstance(metadata, dict):
         raise ArtifactError(f"{name}.json is not a JSON object")
@@ -204,12 +238,38 @@ class _LibraryUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         package = module.partition(".")[0]
-        if package in ALLOWED_PACKAGES or (module == "builtins" and name in ALLOWED_BUILTINS):
-            self.packages.add(package)
+        if module == "builtins" and name in ALLOWED_BUILTINS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"it names {module}.{name}, which is outside {', '.join(sorted(ALLOWED_PACKAGES))}"
-        )
+        if package not in ALLOWED_PACKAGES:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which is outside {', '.join(sorted(ALLOWED_PACKAGES))}"
+            )
+        # From protocol 4 a name may be a dotted path, which would reach any module that a
+        # library module imports ("sklearn" + "os.system").
+        if "." in name:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, an attribute path")
+        if _is_test_support(module):
+            raise pickle.UnpicklingError(f"it names {module}.{name}, a test helper")
+        found = super().find_class(module, name)
+        defined_in = getattr(found, "__module__", None) or ""
+        is_library_class = (isinstance(found, type) and not _is_test_support(defined_in)
+                            and defined_in.partition(".")[0] in ALLOWED_PACKAGES)
+        is_rebuilder = (f"{module}.{name}" in ALLOWED_FUNCTIONS
+                        or (package == "sklearn" and name == "newObj"))
+        if not (is_library_class or is_rebuilder):
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which is not a class of "
+                f"{', '.join(sorted(ALLOWED_PACKAGES))} nor a known array rebuilder"
+            )
+        self.packages.add(package)
+        return found
+
+
+def _is_test_support(module: str) -> bool:
+    """``numpy.testing``, ``scipy._lib._testutils`` and the like: their ``PytestTester`` runs
+    pytest, which imports any ``conftest.py`` in the folder it is given."""
+    return any(part.lstrip("_").startswith("test") or "pytest" in part
+               for part in module.split("."))
 
 
 def _unpickle(name: str, payload: bytes, trained_with: dict[str, Any]) -> Any:

@@ -62,9 +62,11 @@ class Snapshot:
 class ModelRegistry:
     """Finds, verifies, loads and reloads the models of one folder."""
 
-    def __init__(self, directory: Path, key: bytes | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, directory: Path, key: bytes | None, metrics: Metrics | None = None, *,
+                 compile_models: bool = True) -> None:
         self.directory = directory
         self._key = key
+        self._compile = compile_models
         self._metrics = metrics or Metrics()
         self._snapshot = Snapshot()
         self._seen: dict[str, tuple[FileStamp, FileStamp]] = {}
@@ -164,7 +166,7 @@ class ModelRegistry:
         try:
             if metadata_stamp is None:
                 raise ArtifactError(f"{name}.pkl has no metadata file {name}.json", pending=True)
-            loaded = load_model(self.directory, name, self._key)
+            loaded = load_model(self.directory, name, self._key, compile_model=self._compile)
         except FileNotFoundError:
             return  # Replaced or removed while being read: the next scan sees the new state.
         except Exception as exc:
@@ -178,8 +180,12 @@ class ModelRegistry:
         models[name] = loaded
         failures.pop(name, None)
         self._metrics.count_reload(name)
-        log.info("model %s: serving version %s (trained %s, run %s)", name, loaded.version,
-                 loaded.metadata.get("trained_at"), loaded.metadata.get("dag_run_id"))
+        log.info("model %s: serving version %s (trained %s, run %s) with %s", name,
+                 loaded.version, loaded.metadata.get("trained_at"),
+                 loaded.metadata.get("dag_run_id"), _describe_predictor(loaded))
+        if loaded.not_compiled:
+            log.warning("model %s: served by its pipeline (pandas on every request, tens of "
+                        "times slower than compiled): %s", name, loaded.not_compiled)
 
     def _fail(self, name: str, exc: Exception, models: Mapping[str, LoadedModel],
               failures: dict[str, LoadFailure]) -> None:
@@ -208,7 +214,7 @@ class ModelRegistry:
         try:
             manifest = json.loads(read_inside(self.directory, MANIFEST_FILE, _MANIFEST_MAX_BYTES))
             best = manifest.get("best_model") if isinstance(manifest, dict) else None
-        except (OSError, ValueError, ArtifactError) as exc:
+        except (OSError, ValueError, RecursionError, ArtifactError) as exc:
             log.warning("ignoring %s: %s", MANIFEST_FILE, exc)
             return
         self._manifest_best = best if isinstance(best, str) else None
@@ -220,6 +226,11 @@ class ModelRegistry:
         if not models:
             return None
         return min(models.values(), key=_rank).name
+
+
+def _describe_predictor(model: LoadedModel) -> str:
+    kind = getattr(model.predictor, "kind", None)
+    return f"a compiled {kind}" if kind else "its pipeline"
 
 
 def _rank(model: LoadedModel) -> tuple[float, float, str]:

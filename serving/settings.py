@@ -42,6 +42,16 @@ class Settings:
     """``RELOAD_INTERVAL_SECONDS``: how often ``MODELS_DIR`` is checked for new, changed or removed
     models. Polling, rather than inotify, also works on bind mounts and network filesystems."""
 
+    fast_predictors: bool = True
+    """``SERVING_FAST_PREDICTORS``: serve each model by a compiled predictor that has matched
+    its pipeline on check rows (``serving.compiled``); ``0`` serves every model by its pipeline
+    (a pandas DataFrame per request, 30 to 150 times fewer requests/s). For comparison only."""
+
+    benchmark_endpoints: bool = False
+    """``SERVING_BENCHMARK_ENDPOINTS``: ``1`` adds ``POST /benchmark/ceiling``, which validates a
+    penguin as ``/predict`` does and answers a fixed prediction without a model: the ceiling a
+    prediction's throughput is measured against. Off by default, and never in the OpenAPI page."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``environ`` (default ``os.environ``); a bad value raises ValueError."""
@@ -58,6 +68,9 @@ class Settings:
                 env, "RELOAD_INTERVAL_SECONDS", float, cls.reload_interval_seconds,
                 low=0.01, high=60.0,
             ),
+            fast_predictors=_flag(env, "SERVING_FAST_PREDICTORS", cls.fast_predictors),
+            benchmark_endpoints=_flag(env, "SERVING_BENCHMARK_ENDPOINTS",
+                                      cls.benchmark_endpoints),
         )
 
 
@@ -75,3 +88,12 @@ def _number(env: Mapping[str, str], name: str, kind: Callable[[str], _T], defaul
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ValueError(f"{name}={text!r} must be {bounds}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = env.get(name)
+    if not text:
+        return default
+    if text not in ("0", "1"):
+        raise ValueError(f"{name}={text!r} must be 0 or 1")
+    return text == "1"

@@ -167,15 +167,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_uvicorn(models_dir: Path, log_file: Path, **env: str) -> Iterator[LiveService]:
-    """``uvicorn serving.app:app`` in a subprocess on a free port; stopped on exit."""
+def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
+                access_log: bool = True, **env: str) -> Iterator[LiveService]:
+    """``uvicorn serving.app:app`` in a subprocess on a free port; stopped on exit.
+
+    ``cpu``: pin the process to that core (``taskset``), as the benchmark does.
+    """
     port = free_port()
     environment = {**os.environ, "MODELS_DIR": str(models_dir), "MODEL_SIGNING_KEY": "", **env}
+    command = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
+               "--port", str(port), *([] if access_log else ["--no-access-log"])]
+    if cpu is not None:
+        command = ["taskset", "--cpu-list", str(cpu), *command]
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
         )
     service = LiveService(f"http://127.0.0.1:{port}", models_dir, process)
     try:

@@ -1,0 +1,102 @@
+"""One run of the real DAG through ``dag.test()``, timed from inside its own process::
+
+    python -m tests.benchmarks.dag_run --result FILE [--source CSV]
+
+The pipeline section starts it with the environment Airflow needs (``AIRFLOW_HOME``, the
+connection, ``MODELS_DIR``). ``dag.test()`` runs every task inside this process, one after
+another, so this process's peak memory is the run's. A thread samples the resident set size
+all along, to tell which task the peak belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from tests.benchmarks.processes import current_rss_mb, write_result
+
+SAMPLE_SECONDS = 0.05
+
+
+class RssSampler(threading.Thread):
+    """Records (wall clock, RSS MB) every ``SAMPLE_SECONDS`` until the process ends."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+
+    def run(self) -> None:
+        while True:
+            self.samples.append((time.time(), current_rss_mb()))
+            time.sleep(SAMPLE_SECONDS)
+
+    def peak_between(self, start: float, end: float) -> float | None:
+        inside = [rss for at, rss in self.samples if start <= at <= end]
+        return max(inside) if inside else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", help="source_path for the run conf; default: packaged data")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the DAG this many times in this process: the runs after the "
+                             "first show the cost once Airflow and the libraries are loaded")
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+
+    sampler = RssSampler()
+    sampler.start()
+    started = time.perf_counter()
+    # Airflow reads its configuration when first imported: only now, with the section's env.
+    from airflow.dag_processing.dagbag import DagBag
+
+    imported = time.perf_counter()
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        raise RuntimeError(f"the DAG does not import: {bag.import_errors}")
+    dag = bag.get_dag("penguins_pipeline")
+    parsed = time.perf_counter()
+    runs = []
+    for _ in range(args.repeat):
+        run_started = time.perf_counter()
+        dag_run = dag.test(run_conf={"source_path": args.source})
+        runs.append({"state": dag_run.state, "seconds": time.perf_counter() - run_started,
+                     "tasks": _tasks(dag_run, sampler)})
+
+    models_dir = Path(os.environ["MODELS_DIR"])
+    metadata = [json.loads(p.read_text()) for p in models_dir.glob("*.json")
+                if p.name != "manifest.json"]
+    write_result(args.result, {
+        "import_seconds": imported - started,
+        "parse_seconds": parsed - imported,
+        "runs": runs,
+        "clean_rows": metadata[0]["rows"]["total"] if metadata else None,
+        "model_bytes": {p.stem: p.stat().st_size for p in models_dir.glob("*.pkl")},
+    })
+
+
+def _tasks(dag_run, sampler: RssSampler) -> list[dict]:
+    """Each task instance, mapped copies by model name, in the order they ran."""
+    tasks = []
+    for ti in dag_run.get_task_instances():
+        ran = ti.start_date is not None and ti.end_date is not None  # not so when upstream failed
+        tasks.append({
+            "task_id": ti.task_id,
+            "map_index": ti.map_index,
+            "model_name": ti.rendered_map_index if ti.map_index >= 0 else None,
+            "state": ti.state,
+            "start_date": ti.start_date.isoformat() if ran else None,
+            "end_date": ti.end_date.isoformat() if ran else None,
+            "duration": ti.duration,
+            "peak_rss_mb": sampler.peak_between(ti.start_date.timestamp(),
+                                                ti.end_date.timestamp()) if ran else None,
+        })
+    return sorted(tasks, key=lambda task: (task["start_date"] or "~", task["map_index"]))
+
+
+if __name__ == "__main__":
+    main()
