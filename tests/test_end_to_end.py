@@ -96,7 +96,7 @@ def system(mysql, tmp_path):
         assert leftovers == [], f"processes left behind: {leftovers}"
 
 
-def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system):
+def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system, mysql):
     api = requests.Session()
     users = json.loads((system["home"] / "simple_auth_manager_passwords.json.generated")
                        .read_text())
@@ -109,28 +109,42 @@ def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system):
     _wait("the DAG's parsing", lambda: api.get(dag_url, timeout=30).ok, 120, system["log"])
     assert api.get(dag_url, timeout=30).json()["is_paused"] is False
 
-    triggered = api.post(f"{dag_url}/dagRuns", timeout=30,
-                         json={"logical_date": None, "conf": {"models": list(MODEL_NAMES)}})
-    assert triggered.status_code == 200, triggered.text
-    run_id = triggered.json()["dag_run_id"]
+    # Two triggers at once, as two impatient users would: the DAG allows one active run, so the
+    # second waits and their truncate and load cannot interleave.
+    run_ids = []
+    for models in (list(MODEL_NAMES), ["knn"]):
+        triggered = api.post(f"{dag_url}/dagRuns", timeout=30,
+                             json={"logical_date": None, "conf": {"models": models}})
+        assert triggered.status_code == 200, triggered.text
+        run_ids.append(triggered.json()["dag_run_id"])
+    run_id = run_ids[0]
     run_url = f"{dag_url}/dagRuns/{run_id}"
 
-    def finished():
-        state = api.get(run_url, timeout=30).json()["state"]
-        return state if state in ("success", "failed") else None
+    def finished(url):
+        run = api.get(url, timeout=30).json()
+        return run if run["state"] in ("success", "failed") else None
 
-    assert _wait("the DAG run", finished, 600, system["log"]) == "success"
+    runs = [_wait("a DAG run", lambda u=f"{dag_url}/dagRuns/{r}": finished(u), 600, system["log"])
+            for r in run_ids]
+    assert [r["state"] for r in runs] == ["success", "success"]
+    assert runs[1]["start_date"] >= runs[0]["end_date"], "the two runs overlapped"
+    with mysql.connect() as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT (SELECT COUNT(*) FROM penguins_raw), "
+                       "(SELECT COUNT(*) FROM penguins_clean)")
+        assert cursor.fetchone() == (344, 333)
     instances = api.get(f"{run_url}/taskInstances", timeout=30).json()["task_instances"]
     training = {ti["rendered_map_index"]: ti["state"] for ti in instances
                 if ti["task_id"] == "train"}
     assert training == dict.fromkeys(MODEL_NAMES, "success")
 
+    # The second run retrained k-NN only: it answers from that run, the rest from the first.
+    trained_by = dict.fromkeys(MODEL_NAMES, run_ids[0]) | {"knn": run_ids[1]}
     with PenguinsClient(system["serving"]) as client:
         def all_new_models_served():
             listed = client.models()["models"]
             return all(
                 any(m["name"] == name and m["serving"]
-                    and m["version"]["dag_run_id"] == run_id for m in listed)
+                    and m["version"]["dag_run_id"] == trained_by[name] for m in listed)
                 for name in MODEL_NAMES
             )
 
@@ -138,5 +152,5 @@ def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system):
         for name in MODEL_NAMES:
             answer = client.predict(PENGUIN, model=name)
             assert answer["species"] == "Gentoo", (name, answer)
-            assert answer["model"]["dag_run_id"] == run_id
+            assert answer["model"]["dag_run_id"] == trained_by[name]
             assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6

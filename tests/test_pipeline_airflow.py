@@ -14,6 +14,7 @@ import pytest
 from penguins import contract
 from penguins.database import count_rows, read_table
 from tests.data import packaged_rows, write_csv
+from tests.tcp_proxy import tcp_proxy
 
 pytestmark = pytest.mark.airflow
 
@@ -210,3 +211,17 @@ def test_dirty_rows_are_loaded_as_shipped_then_dropped_by_preprocess(run_dag, db
     assert len(clean) == 345 - 11 - 4
     assert set(clean["source_row"]) & {1, 3, 5, 345} == set()
     assert clean.loc[clean["source_row"] == 2, "island"].item() == "Torgersen"
+
+
+def test_a_mysql_that_drops_the_first_connection_is_retried_and_the_run_completes(
+    run_dag, mysql, tmp_path
+):
+    # As a server that is restarting: the first connection is cut before its greeting.
+    with tcp_proxy((mysql.host, mysql.port), drop_first=1) as port:
+        url = mysql.url.replace(f"@{mysql.host}:{mysql.port}/", f"@127.0.0.1:{port}/")
+        dag_run = run_dag(tmp_path, conn_url=url, models=["logistic_regression"])
+
+    assert dag_run.state == "success", _task_states(dag_run)
+    truncate = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "truncate")
+    assert truncate.try_number == 2, "the first try met the dropped connection and was retried"
+    assert (tmp_path / "logistic_regression.pkl").exists()
