@@ -130,7 +130,7 @@ def read_table(conn, table: str) -> pd.DataFrame:
 def write_clean(conn, frame: pd.DataFrame) -> int:
     """Bulk-load the cleaned rows into the clean table; return the row count.
 
-    Through a temporary CSV and ``LOAD DATA LOCAL INFILE``, like the raw load: three times as
+    Through a temporary CSV and ``LOAD DATA LOCAL INFILE``, like the raw load: about twice as
     fast as batched INSERTs, whose cost is binding every value in Python. A missing value is
     refused first, since LOAD DATA LOCAL would store it as 0 with only a warning.
     """
