@@ -1,20 +1,32 @@
-"""Run the whole system on one machine without Docker: Airflow, and the prediction service.
+"""Run the whole system on one machine without Docker:
 
-    AIRFLOW_CONN_MYSQL_AIRFLOW_CONN=mysql://user:password@127.0.0.1:3306/penguins \\
-        uv run python airflow/run_without_docker.py
+    python3 airflow/run_without_docker.py
 
-starts ``airflow standalone`` (metadata in SQLite under ``airflow/home/``, LocalExecutor with a
-small parallelism, the DAG unpaused, no examples) and ``uvicorn serving.app:app``, both reading
-and writing ``MODELS_DIR``. The MySQL server is yours: any MySQL-compatible server that allows
-``LOCAL INFILE``; its database is created if it is missing. Ctrl-C stops everything.
+The first time, it installs what is missing (``bash .ci/setup``: Debian packages, uv, and
+``.venv`` from ``uv.lock``) and restarts itself in ``.venv``. Then it starts, in this order and
+each in a session of its own:
 
-Environment (all optional but the connection): ``AIRFLOW_HOME`` (default ``airflow/home``),
-``AIRFLOW_API_PORT`` (8080), ``SERVING_PORT`` (8989), ``AIRFLOW_PARALLELISM`` (4),
-``MODELS_DIR``, ``MODEL_SIGNING_KEY``.
+- a MariaDB of its own (``local_mariadb``), unless ``AIRFLOW_CONN_MYSQL_AIRFLOW_CONN`` names your
+  server: data in ``<AIRFLOW_HOME>/mariadb``, kept between runs; the pipeline logs in as a user
+  whose generated password is in ``<AIRFLOW_HOME>/mariadb/credentials.json``;
+- Airflow 3 on SQLite: ``airflow db migrate``, then its api-server, scheduler (LocalExecutor),
+  dag-processor and triggerer, with the DAG unpaused and no examples;
+- the prediction service (``uvicorn serving.app:app``).
+
+Everything listens on 127.0.0.1 only (``PENGUINS_HOST`` changes that), and one banner says where
+everything is once it all answers. Ctrl-C, SIGINT, SIGTERM or SIGHUP, once or many times, to this
+process or its whole group, stops everything and leaves nothing running.
+
+Optional environment: ``AIRFLOW_CONN_MYSQL_AIRFLOW_CONN``, ``AIRFLOW_HOME`` (``airflow/home``),
+``PENGUINS_HOST`` (127.0.0.1), ``AIRFLOW_API_PORT`` (8080), ``SERVING_PORT`` (8989),
+``PENGUINS_MYSQL_PORT`` (3307, the embedded MariaDB), ``AIRFLOW_PARALLELISM`` (4), ``MODELS_DIR``,
+``MODEL_SIGNING_KEY``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import secrets
 import signal
@@ -23,34 +35,189 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from urllib.request import urlopen
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION_VARIABLE = "AIRFLOW_CONN_MYSQL_AIRFLOW_CONN"
+DATABASE = "penguins"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_NEEDED_MODULES = ("airflow", "MySQLdb", "uvicorn", "litestar")
 
 
-def system_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The environment both processes run in: the caller's, plus what this system needs."""
+class Stopped(Exception):
+    """A stop signal arrived: everything started so far is to be stopped."""
+
+
+class StopRequests:
+    """Remembers the first stop signal. The handler only notes it: the launcher checks between
+    steps, so a second signal (``uv run`` forwards the one a terminal already sent to the group)
+    can never interrupt the stopping itself."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def install(self) -> None:
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._note)
+
+    def _note(self, number: int, frame: object) -> None:
+        name = signal.Signals(number).name
+        if self.signal is None:
+            self.signal = name
+        else:
+            print(f"({name}: already stopping, please wait)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Stopped(self.signal)
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.check()
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        self.check()
+
+
+@dataclass
+class Component:
+    """One program of the system, run in a session of its own with its output in a log file."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                # A background job of a non-interactive shell starts with SIGINT ignored, and
+                # children would inherit that.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        with suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no output)"
+
+
+def main() -> None:
+    if not all(importlib.util.find_spec(name) for name in _NEEDED_MODULES):
+        _set_up_and_restart()
+    sys.path.insert(0, str(REPO / "airflow" / "dags"))
+    requests = StopRequests()
+    requests.install()
+    host = os.environ.get("PENGUINS_HOST") or "127.0.0.1"
+    home = Path(os.environ.get("AIRFLOW_HOME") or REPO / "airflow" / "home").resolve()
+    components: list[Component] = []
+    mariadb = None
+    exit_code = 0
+    try:
+        ports = {"AIRFLOW_API_PORT": ("Airflow's api-server", "8080"),
+                 "SERVING_PORT": ("the prediction service", "8989")}
+        if not os.environ.get(CONNECTION_VARIABLE):
+            ports["PENGUINS_MYSQL_PORT"] = ("the embedded MariaDB", "3307")
+        port = {name: _free_port(name, what, default, host) for name, (what, default)
+                in ports.items()}
+        if os.environ.get(CONNECTION_VARIABLE):
+            connection, mysql_line = os.environ[CONNECTION_VARIABLE], None
+            ensure_database(connection)
+        else:
+            mariadb, connection, mysql_line = _start_mariadb(home, host,
+                                                             port["PENGUINS_MYSQL_PORT"])
+        requests.check()
+        env = system_environment(dict(os.environ), home=home, host=host, connection=connection,
+                                 api_port=port["AIRFLOW_API_PORT"])
+        Path(env["MODELS_DIR"]).mkdir(parents=True, exist_ok=True)
+        logs = home / "launcher-logs"
+        _run_to_end(Component("airflow db migrate", _airflow("db", "migrate"),
+                              logs / "db-migrate.log"), env, requests)
+        components = [
+            Component("api-server", _airflow("api-server", "--host", host, "--port",
+                                             str(port["AIRFLOW_API_PORT"])),
+                      logs / "api-server.log"),
+            # Task logs are read from the local files: no log server on 8793/8794 is needed.
+            Component("scheduler", _airflow("scheduler", "--skip-serve-logs"),
+                      logs / "scheduler.log"),
+            Component("dag-processor", _airflow("dag-processor"), logs / "dag-processor.log"),
+            Component("triggerer", _airflow("triggerer", "--skip-serve-logs"),
+                      logs / "triggerer.log"),
+            Component("prediction service", [
+                sys.executable, "-m", "uvicorn", "serving.app:app", "--host", host,
+                "--port", str(port["SERVING_PORT"])], logs / "serving.log"),
+        ]
+        for component in components:
+            requests.check()
+            component.start(env)
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        airflow_url = f"http://{local}:{port['AIRFLOW_API_PORT']}"
+        serving_url = f"http://{local}:{port['SERVING_PORT']}"
+        _wait_until_ready(components, requests, {
+            "the prediction service": lambda: _answers(f"{serving_url}/health"),
+            "Airflow": lambda: _airflow_healthy(airflow_url),
+        })
+        passwords = home / "simple_auth_manager_passwords.json.generated"
+        with suppress(OSError):
+            passwords.chmod(0o600)
+        print(_banner(airflow_url, serving_url, passwords, mysql_line, env["MODELS_DIR"], logs),
+              flush=True)
+        while all(c.running() for c in components):
+            requests.sleep(1)
+        ended = next(c for c in components if not c.running())
+        print(f"{ended.name} stopped by itself (exit {ended.process.returncode}); stopping the "
+              f"rest. The end of its log, {ended.log}:\n{ended.tail()}", file=sys.stderr)
+        exit_code = 1
+    except Stopped as stop:
+        print(f"{stop}: stopping everything", file=sys.stderr, flush=True)
+    except (StartError, OSError) as problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        exit_code = 1
+    finally:
+        stop_all(components)
+        if mariadb is not None:
+            mariadb.stop()
+    print("stopped", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+class StartError(Exception):
+    """The system cannot start; the message says why and what to do."""
+
+
+def system_environment(environ: dict[str, str], *, home: Path, host: str, connection: str,
+                       api_port: int) -> dict[str, str]:
+    """The environment every component runs in: the caller's, plus what this system needs."""
     env = dict(environ)
-    airflow_home = Path(env.get("AIRFLOW_HOME") or REPO / "airflow" / "home")
-    api_port = env.get("AIRFLOW_API_PORT", "8080")
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     env.update(
-        AIRFLOW_HOME=str(airflow_home),
+        AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "airflow" / "dags"),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         # The default of 32 forks 32 task workers on a 2-core machine.
         AIRFLOW__CORE__PARALLELISM=env.get("AIRFLOW_PARALLELISM", "4"),
-        AIRFLOW__API__PORT=api_port,
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://localhost:{api_port}/execution/",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://{local}:{api_port}/execution/",
         MODELS_DIR=env.get("MODELS_DIR") or str(REPO / "shared_models"),
-        # airflow standalone starts its components as `airflow ...` from PATH.
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
-    # Every component must verify the Execution API's tokens with the same secret.
+    env[CONNECTION_VARIABLE] = connection
+    env.setdefault("AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers.simple."
+                   "simple_auth_manager.SimpleAuthManager")
+    # Every component must verify the Execution API's tokens with the same secret, and sign
+    # the same way; new ones each run, since nothing outlives a run.
     env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(32))
+    env.setdefault("AIRFLOW__API__SECRET_KEY", secrets.token_hex(32))
     return env
 
 
@@ -58,104 +225,186 @@ def ensure_database(url: str) -> None:
     """Create the connection's database if it is missing, so a fresh server works at once."""
     import MySQLdb
 
+    from penguins.database import ConnectionProblem, open_connection
+
     parts = urlsplit(url)
     database = parts.path.lstrip("/")
     if not database.replace("_", "").isalnum():
-        raise SystemExit(f"{CONNECTION_VARIABLE}: the database name {database!r} is not plain")
+        raise StartError(f"{CONNECTION_VARIABLE}: the database name {database!r} is not plain")
+    address = f"{parts.hostname}:{parts.port or 3306}"
     try:
-        conn = MySQLdb.connect(
+        conn = open_connection(lambda: MySQLdb.connect(
             host=parts.hostname or "127.0.0.1", port=parts.port or 3306,
             user=unquote(parts.username or ""), password=unquote(parts.password or ""),
             connect_timeout=5,
-        )
-    except MySQLdb.OperationalError as exc:
-        raise SystemExit(f"{CONNECTION_VARIABLE}: cannot reach MySQL at "
-                         f"{parts.hostname}:{parts.port or 3306}: {exc}") from exc
+        ), "mysql_airflow_conn", address)
+    except ConnectionProblem as problem:
+        hint = ("" if problem.retryable else " (Debian's MariaDB lets root in through its "
+                "socket only: create a user with a password, or unset the variable to use the "
+                "embedded server)")
+        raise StartError(f"{CONNECTION_VARIABLE}: {problem}{hint}") from None
     with conn:
         conn.cursor().execute(f"CREATE DATABASE IF NOT EXISTS `{database}`")
 
 
-def _refuse_taken_port(port: str, what: str) -> None:
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", int(port))) == 0:
-            raise SystemExit(f"port {port} is taken: something already listens there, so {what} "
-                             "cannot; stop it or choose another port (see the docstring)")
-
-
-def _wait_for(url: str, process: subprocess.Popen, seconds: float) -> None:
+def stop_all(components: list[Component], seconds: float = 30) -> None:
+    """Stop every component: SIGTERM to each, newest first, then SIGKILL to whatever is left in
+    their sessions (task processes have process groups of their own, but not sessions)."""
+    for component in reversed(components):
+        if component.running():
+            with suppress(ProcessLookupError):
+                component.process.terminate()
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            with urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"nothing answered at {url} within {seconds:.0f} s")
+    for component in reversed(components):
+        if component.process is not None:
+            with suppress(subprocess.TimeoutExpired):
+                component.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for component in components:
+        if component.process is not None:
+            for pid in processes_in_session(component.process.pid):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if component.process.poll() is None:
+                component.process.kill()
+            component.process.wait()
 
 
-def stop(process: subprocess.Popen, first_signal: signal.Signals, seconds: float = 30) -> None:
-    """Stop a process group: ``first_signal``, then SIGKILL to the whole group if it lingers."""
-    if process.poll() is None:
-        process.send_signal(first_signal)
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=seconds)
-    # airflow standalone's children (scheduler, api-server, task workers) share its group.
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def processes_in_session(session: int) -> list[int]:
+    """The processes whose session id is ``session`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError, ValueError):
+                # Fields after the command name, which is in parentheses and may hold spaces.
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[3]) == session:
+                    found.append(int(entry.name))
+    return found
 
 
-def main() -> None:
-    if not os.environ.get(CONNECTION_VARIABLE):
-        raise SystemExit(f"set {CONNECTION_VARIABLE}, e.g. "
-                         "mysql://penguins:secret@127.0.0.1:3306/penguins (see the README)")
-    env = system_environment(dict(os.environ))
-    ensure_database(env[CONNECTION_VARIABLE])
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    Path(env["MODELS_DIR"]).mkdir(parents=True, exist_ok=True)
-    api_port, serving_port = env["AIRFLOW__API__PORT"], env.get("SERVING_PORT", "8989")
-    _refuse_taken_port(api_port, "Airflow's api-server")
-    _refuse_taken_port(serving_port, "the prediction service")
+def _set_up_and_restart() -> None:
+    """Install what is missing, then run this file again with the project's environment."""
+    print("== the project's environment is missing: running bash .ci/setup", flush=True)
+    result = subprocess.run(["bash", str(REPO / ".ci" / "setup")])
+    python = REPO / ".venv" / "bin" / "python"
+    if result.returncode != 0 or not python.exists():
+        raise SystemExit(f"bash .ci/setup failed (exit {result.returncode}); see above")
+    os.execv(python, [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
-    # Own process groups, and the default SIGINT handling restored: airflow standalone stops
-    # cleanly on SIGINT only, and a background shell job would start with SIGINT ignored.
-    def child_setup() -> None:
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    airflow = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], env=env,
-                               cwd=REPO, preexec_fn=child_setup)
-    serving = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "serving.app:app", "--host",
-         env.get("SERVING_HOST", "127.0.0.1"), "--port", serving_port],
-        env=env, cwd=REPO, preexec_fn=child_setup,
-    )
+def _start_mariadb(home: Path, host: str, port: int):
+    import local_mariadb
 
-    def shut_down(signum, frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, shut_down)
+    folder = home / "mariadb"
+    print(f"starting the embedded MariaDB on {host}:{port} (data in {_shown(folder)})",
+          flush=True)
     try:
-        _wait_for(f"http://127.0.0.1:{serving_port}/health", serving, 60)
-        _wait_for(f"http://127.0.0.1:{api_port}/api/v2/monitor/health", airflow, 180)
-        password_file = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-        print(f"\nAirflow:            http://localhost:{api_port}"
-              f" (admin password in {password_file})"
-              f"\nPrediction service: http://localhost:{serving_port}/schema"
-              f"\nModels folder:      {env['MODELS_DIR']}\nCtrl-C stops both.\n", flush=True)
-        while airflow.poll() is None and serving.poll() is None:
-            time.sleep(1)
-        ended = "airflow standalone" if airflow.poll() is not None else "the prediction service"
-        print(f"{ended} stopped by itself; stopping the rest", file=sys.stderr, flush=True)
-        exit_code = 1
-    except KeyboardInterrupt:
-        exit_code = 0
+        server = local_mariadb.start(folder, port=port, host=host, new_session=True)
+    except local_mariadb.MariaDBError as problem:
+        raise StartError(f"the embedded MariaDB did not start: {problem}") from None
+    credentials_file = folder / "credentials.json"
+    try:
+        credentials = local_mariadb.ensure_database(server, DATABASE, credentials_file)
+    except BaseException:
+        server.stop()
+        raise
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = (f"mysql://{quote(credentials['user'], safe='')}:"
+           f"{quote(credentials['password'], safe='')}@{local}:{port}/{DATABASE}")
+    line = (f"embedded MariaDB, {local}:{port}, database {DATABASE}; user and password in "
+            f"{_shown(credentials_file)}")
+    return server, url, line
+
+
+def _airflow(*args: str) -> list[str]:
+    return [sys.executable, "-m", "airflow", *args]
+
+
+def _run_to_end(component: Component, env: dict[str, str], requests: StopRequests) -> None:
+    print(f"running {component.name}", flush=True)
+    component.start(env)
+    try:
+        while component.running():
+            requests.sleep(0.2)
     finally:
-        stop(serving, signal.SIGTERM)
-        stop(airflow, signal.SIGINT)
-    sys.exit(exit_code)
+        stop_all([component])
+    if component.process.returncode != 0:
+        raise StartError(f"{component.name} failed (exit {component.process.returncode}); the "
+                         f"end of {component.log}:\n{component.tail()}")
+
+
+def _wait_until_ready(components: list[Component], requests: StopRequests, checks,
+                      seconds: float = 300) -> None:
+    print(f"starting {', '.join(c.name for c in components)}", flush=True)
+    waiting = dict(checks)
+    deadline = time.monotonic() + seconds
+    while waiting:
+        for component in components:
+            if not component.running():
+                raise StartError(f"{component.name} exited with {component.process.returncode} "
+                                 f"while starting; the end of {component.log}:\n"
+                                 f"{component.tail()}")
+        for name, check in list(waiting.items()):
+            if check():
+                del waiting[name]
+        if time.monotonic() > deadline:
+            raise StartError(f"{' and '.join(waiting)} did not answer within {seconds:.0f} s; "
+                             f"logs in {components[0].log.parent}")
+        requests.sleep(0.5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _airflow_healthy(base_url: str) -> bool:
+    """Airflow's own health report says the database and every component are healthy."""
+    try:
+        with urlopen(f"{base_url}/api/v2/monitor/health", timeout=5) as response:
+            health = json.load(response)
+    except (OSError, ValueError):
+        return False
+    parts = ("metadatabase", "scheduler", "dag_processor", "triggerer")
+    return all((health.get(part) or {}).get("status") == "healthy" for part in parts)
+
+
+def _free_port(variable: str, what: str, default: str, host: str) -> int:
+    text = os.environ.get(variable) or default
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise StartError(f"{variable}={text!r} is not a port number")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(text)))
+        except OSError:
+            raise StartError(f"port {text} on {host} is taken, so {what} cannot listen there: "
+                             f"stop what uses it, or set {variable} to another port") from None
+    return int(text)
+
+
+def _banner(airflow_url: str, serving_url: str, passwords: Path, mysql_line: str | None,
+            models_dir: str, logs: Path) -> str:
+    mysql = mysql_line or f"your server, from {CONNECTION_VARIABLE}"
+    return f"""
+Penguins MLOps is up.
+  Airflow UI          {airflow_url}  (user admin; password in {_shown(passwords)})
+  Prediction service  {serving_url}  (OpenAPI page: {serving_url}/schema)
+  MySQL               {mysql}
+  Models              {_shown(Path(models_dir))}
+  Logs                {_shown(logs)}
+Press Trigger on penguins_pipeline in the Airflow UI. Ctrl-C stops everything.
+"""
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies inside it."""
+    with suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import MySQLdb
+
+import local_mariadb
 
 
 @dataclass(frozen=True)
@@ -91,39 +91,19 @@ def _server() -> Iterator[Server]:
 
 @contextmanager
 def throwaway_mariadb() -> Iterator[Server]:
-    daemon = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin")
-    install_db = shutil.which("mariadb-install-db")
-    if not (daemon and install_db):
-        raise RuntimeError(
-            "no MySQL server answers and MariaDB is not installed: install the Debian package "
-            "mariadb-server, or set PENGUINS_TEST_MYSQL_URL"
-        )
+    """A MariaDB of our own in a temporary folder (root, no password), removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="penguins-mariadb-"))
-    data, socket_path, port = folder / "data", folder / "mysqld.sock", free_port()
-    user = ["--user=root"] if os.geteuid() == 0 else []
-    subprocess.run(
-        [install_db, "--no-defaults", f"--datadir={data}", "--skip-test-db",
-         "--auth-root-authentication-method=normal", *user],
-        check=True, capture_output=True,
-    )
-    with open(folder / "mariadbd.log", "wb") as log:
-        process = subprocess.Popen(
-            [daemon, "--no-defaults", f"--datadir={data}", f"--socket={socket_path}",
-             f"--port={port}", "--bind-address=127.0.0.1", "--skip-log-bin", *user],
-            stdout=subprocess.DEVNULL, stderr=log,
-        )
-    server = Server("127.0.0.1", port, "root", "", folder=folder)
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(server):
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = (folder / "mariadbd.log").read_text(errors="replace")
-                raise RuntimeError(f"the throwaway mariadbd did not start:\n{log[-2000:]}")
-            time.sleep(0.2)
-        yield server
+        try:
+            local = local_mariadb.start(folder, port=free_port(), root_auth="normal")
+        except local_mariadb.MariaDBError as exc:
+            raise RuntimeError(f"no MySQL server answers, and a throwaway MariaDB could not "
+                               f"start ({exc}); or set PENGUINS_TEST_MYSQL_URL") from exc
+        try:
+            yield Server(local.host, local.port, "root", "", folder=folder)
+        finally:
+            local.stop()
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """What a user does: start the system without Docker, press Trigger, ask the service.
 
-Starts ``airflow/run_without_docker.py`` (airflow standalone + the prediction service) as a
+Starts ``airflow/run_without_docker.py`` (Airflow's components + the prediction service) as a
 user would, triggers ``penguins_pipeline`` through Airflow's REST API exactly as the UI's
 Trigger button does (a token, then a new DAG run with its conf), waits for it, then asks the
 service, through ``serving/client.py``, for a prediction from every new model. Every process
@@ -24,24 +24,12 @@ from penguins.contract import MODEL_NAMES
 from serving.client import PenguinsClient
 from tests.conftest import REPO
 from tests.mysql_server import free_port
+from tests.support import processes_with_environment
 
 pytestmark = pytest.mark.airflow
 
 PENGUIN = {"island": "Biscoe", "bill_length_mm": 47.5, "bill_depth_mm": 15.0,
            "flipper_length_mm": 218, "body_mass_g": 4950, "sex": "female", "year": 2008}
-
-
-def _processes_with(variable: bytes) -> list[int]:
-    """The processes whose environment holds ``variable`` (our AIRFLOW_HOME: nobody else's)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                if variable in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def _wait(what: str, check, seconds: float, log: Path):
@@ -67,19 +55,14 @@ def system(mysql, tmp_path):
                SERVING_PORT=str(serving_port), MODELS_DIR=str(models),
                AIRFLOW_CONN_MYSQL_AIRFLOW_CONN=mysql.url, AIRFLOW_PARALLELISM="3")
 
-    def own_session() -> None:
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     with log.open("wb") as out:
         launcher = subprocess.Popen(
             [sys.executable, str(REPO / "airflow" / "run_without_docker.py")], env=env,
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=own_session,
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    marker = f"AIRFLOW_HOME={home}".encode()
     try:
         _wait("the system's start", lambda: launcher.poll() is not None
-              or "Ctrl-C stops both" in log.read_text(errors="replace"), 300, log)
+              or "Penguins MLOps is up." in log.read_text(errors="replace"), 300, log)
         assert launcher.poll() is None, log.read_text(errors="replace")[-4000:]
         yield {"airflow": f"http://127.0.0.1:{api_port}",
                "serving": f"http://127.0.0.1:{serving_port}", "home": home, "models": models,
@@ -89,7 +72,7 @@ def system(mysql, tmp_path):
         try:
             launcher.wait(timeout=120)
         finally:
-            leftovers = _processes_with(marker)
+            leftovers = processes_with_environment(f"AIRFLOW_HOME={home}")
             for pid in leftovers:
                 os.kill(pid, signal.SIGKILL)
         assert launcher.returncode == 0, log.read_text(errors="replace")[-4000:]
