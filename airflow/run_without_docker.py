@@ -11,7 +11,7 @@ each in a session of its own:
   whose generated password is in ``<AIRFLOW_HOME>/mariadb/credentials.json``;
 - Airflow 3 on SQLite: ``airflow db migrate``, then its api-server, scheduler (LocalExecutor),
   dag-processor and triggerer, with the DAG unpaused and no examples;
-- the prediction service (``uvicorn serving.app:app``).
+- the prediction service (``python -m serving``: uvicorn behind its front door).
 
 Everything listens on 127.0.0.1 only (``PENGUINS_HOST`` changes that), and one banner says where
 everything is once it all answers. Ctrl-C, SIGINT, SIGTERM or SIGHUP, once or many times, to this
@@ -138,6 +138,7 @@ def main() -> None:
         requests.check()
         env = system_environment(dict(os.environ), home=home, host=host, connection=connection,
                                  api_port=port["AIRFLOW_API_PORT"])
+        env.update(SERVING_HOST=host, SERVING_PORT=str(port["SERVING_PORT"]))
         Path(env["MODELS_DIR"]).mkdir(parents=True, exist_ok=True)
         logs = home / "launcher-logs"
         _run_to_end(Component("airflow db migrate", _airflow("db", "migrate"),
@@ -152,9 +153,8 @@ def main() -> None:
             Component("dag-processor", _airflow("dag-processor"), logs / "dag-processor.log"),
             Component("triggerer", _airflow("triggerer", "--skip-serve-logs"),
                       logs / "triggerer.log"),
-            Component("prediction service", [
-                sys.executable, "-m", "uvicorn", "serving.app:app", "--host", host,
-                "--port", str(port["SERVING_PORT"])], logs / "serving.log"),
+            Component("prediction service", [sys.executable, "-m", "serving"],
+                      logs / "serving.log"),
         ]
         for component in components:
             requests.check()

@@ -7,6 +7,7 @@ JavaScript and CSS the service serves itself so that it renders with no internet
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +28,8 @@ from serving.registry import ModelRegistry
 from serving.schemas import REQUEST_SCHEMAS
 from serving.settings import Settings
 from serving.validation import StrictRequest, decode_body_strictly
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 SWAGGER_UI_VERSION = "5.35.0"
@@ -80,7 +83,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         # Log the stack of unexpected errors only; a 4xx or 503 is the caller's or expected.
         logging_config=LoggingConfig(
-            log_exceptions="always", disable_stack_trace={*range(400, 500), 503}
+            log_exceptions="always", disable_stack_trace={*range(400, 500), 503},
+            exception_logging_handler=_log_exception,
         ),
     )
     _document_refused_fields(app)
@@ -109,16 +113,29 @@ def _swagger() -> SwaggerRenderPlugin:
     )
 
 
+CLIENT_ABORTED = "penguins.client_aborted"
+"""Set in a request's scope when its client went away before its body had arrived."""
+CLIENT_ABORT_STATUS = 499
+"""The status a client abort is counted under (nginx's "client closed request"): not a 5xx."""
+
+
 def _observe_requests(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
-    """Middleware that counts each request by route template and status, and times it."""
+    """Middleware that counts each request by route template and status, and times it; a client
+    that goes away mid-request is counted as an abort and logged in one line."""
 
     def middleware(app: ASGIApp) -> ASGIApp:
         async def observe(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
-            status = 500
+            status: int | None = None
             started = time.perf_counter()
+
+            async def receive_and_note_abort() -> Message:
+                message = await receive()
+                if message["type"] == "http.disconnect" and status is None:
+                    scope[CLIENT_ABORTED] = True  # type: ignore[literal-required]
+                return message
 
             async def send_and_note_status(message: Message) -> None:
                 nonlocal status
@@ -127,16 +144,27 @@ def _observe_requests(metrics: Metrics) -> Callable[[ASGIApp], ASGIApp]:
                 await send(message)
 
             try:
-                await app(scope, receive, send_and_note_status)
+                await app(scope, receive_and_note_abort, send_and_note_status)
             finally:
-                metrics.observe_request(
-                    scope.get("path_template") or "unmatched", scope["method"], status,
-                    time.perf_counter() - started,
-                )
+                route = scope.get("path_template") or "unmatched"
+                if scope.get(CLIENT_ABORTED):
+                    status = CLIENT_ABORT_STATUS
+                    log.info("client went away during %s %s", scope["method"], route)
+                metrics.observe_request(route, scope["method"], status or 500,
+                                        time.perf_counter() - started)
 
         return observe
 
     return middleware
+
+
+def _log_exception(logger: logging.Logger, scope: Scope, tb: list[str]) -> None:
+    """Litestar's exception logging, except for a client that went away: its request's reading
+    fails by design, and the middleware has logged it in one line."""
+    if scope.get(CLIENT_ABORTED):
+        return
+    logger.exception("Uncaught exception (connection_type=%s, path=%r):", scope["type"],
+                     scope.get("path_template") or scope["path"])
 
 
 app = create_app()

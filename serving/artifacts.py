@@ -152,7 +152,7 @@ def read_inside(directory: Path, filename: str, max_bytes: int) -> bytes:
     path = directory / filename
     resolved = path.resolve(strict=True)
     if not resolved.is_relative_to(directory.resolve(strict=True)):
-        raise ArtifactError(f"{filename} is a link to {resolved}, outside MODELS_DIR")
+        raise ArtifactError(f"{filename} is a link to a file outside MODELS_DIR")
     fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         # Before fdopen, which refuses a directory with an IsADirectoryError.

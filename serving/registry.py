@@ -189,13 +189,25 @@ class ModelRegistry:
 
     def _fail(self, name: str, exc: Exception, models: Mapping[str, LoadedModel],
               failures: dict[str, LoadFailure]) -> None:
-        message = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+        message = self._public_message(exc)
         failures[name] = LoadFailure(message, datetime.now(UTC))
         self._metrics.count_load_error(name)
         kept = models.get(name)
         still = f"; still serving version {kept.version}" if kept else "; not served"
-        log.error("model %s refused: %s%s", name, message, still,
+        log.error("model %s refused: %s%s", name, exc, still,
                   exc_info=not isinstance(exc, ArtifactError))
+
+    def _public_message(self, exc: Exception) -> str:
+        """What the API may show of a refusal: models and reasons, never a server path (the
+        log has the whole message)."""
+        if isinstance(exc, ArtifactError):
+            return str(exc)  # written by us, from file names only
+        if isinstance(exc, OSError):
+            return f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}"
+        text = str(exc)
+        for path in {str(self.directory), str(self.directory.resolve())}:
+            text = text.replace(path, "MODELS_DIR")
+        return f"{type(exc).__name__}: {text}"
 
     def _forget(self, name: str, models: dict[str, LoadedModel],
                 failures: dict[str, LoadFailure]) -> None:

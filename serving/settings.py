@@ -52,6 +52,32 @@ class Settings:
     penguin as ``/predict`` does and answers a fixed prediction without a model: the ceiling a
     prediction's throughput is measured against. Off by default, and never in the OpenAPI page."""
 
+    access_log: bool = True
+    """``SERVING_ACCESS_LOG``: ``0`` turns off uvicorn's line per request."""
+
+    max_connections: int = 1000
+    """``SERVING_MAX_CONNECTIONS``: open connections beyond this are closed at once."""
+
+    max_request_line_bytes: int = 8192
+    """``SERVING_MAX_REQUEST_LINE_BYTES``: a longer request target is refused with 414."""
+
+    max_header_bytes: int = 16384
+    """``SERVING_MAX_HEADER_BYTES``: request line and headers together; beyond, 431."""
+
+    max_headers: int = 64
+    """``SERVING_MAX_HEADERS``: more headers than this are refused with 431."""
+
+    header_timeout_seconds: float = 10.0
+    """``SERVING_HEADER_TIMEOUT_SECONDS``: the time a connection has, from its start or the end
+    of its previous response, to send a request's headers; then 408, or closed if idle."""
+
+    body_timeout_seconds: float = 30.0
+    """``SERVING_BODY_TIMEOUT_SECONDS``: the time from the end of the headers to the end of the
+    body; then the connection is closed."""
+
+    keep_alive_seconds: float = 5.0
+    """``SERVING_KEEP_ALIVE_SECONDS``: an idle keep-alive connection is closed after this."""
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``environ`` (default ``os.environ``); a bad value raises ValueError."""
@@ -71,6 +97,20 @@ class Settings:
             fast_predictors=_flag(env, "SERVING_FAST_PREDICTORS", cls.fast_predictors),
             benchmark_endpoints=_flag(env, "SERVING_BENCHMARK_ENDPOINTS",
                                       cls.benchmark_endpoints),
+            access_log=_flag(env, "SERVING_ACCESS_LOG", cls.access_log),
+            max_connections=_number(env, "SERVING_MAX_CONNECTIONS", int, cls.max_connections,
+                                    low=1),
+            max_request_line_bytes=_number(env, "SERVING_MAX_REQUEST_LINE_BYTES", int,
+                                           cls.max_request_line_bytes, low=256),
+            max_header_bytes=_number(env, "SERVING_MAX_HEADER_BYTES", int, cls.max_header_bytes,
+                                     low=1024),
+            max_headers=_number(env, "SERVING_MAX_HEADERS", int, cls.max_headers, low=8),
+            header_timeout_seconds=_number(env, "SERVING_HEADER_TIMEOUT_SECONDS", float,
+                                           cls.header_timeout_seconds, low=0.1, high=3600.0),
+            body_timeout_seconds=_number(env, "SERVING_BODY_TIMEOUT_SECONDS", float,
+                                         cls.body_timeout_seconds, low=0.1, high=3600.0),
+            keep_alive_seconds=_number(env, "SERVING_KEEP_ALIVE_SECONDS", float,
+                                       cls.keep_alive_seconds, low=0.1, high=3600.0),
         )
 
 

@@ -1,21 +1,27 @@
 """Strict request bodies, and error messages that name the field at fault.
 
 Litestar converts a JSON body to the handler's type leniently (``"39.1"`` would pass as a number,
-``"true"`` as a boolean). A model must see exactly the types the OpenAPI document promises, so a
-``before_request`` hook decodes each body strictly against the handler's ``data`` type first,
-and turns the first problem into a 400 whose ``extra`` names the field: the same shape as
-Litestar's own validation errors. The hook hands its result to ``StrictRequest``, so that
-Litestar builds ``data`` from it rather than decoding the body a second time.
+``"true"`` as a boolean), whatever its ``Content-Type``, and a JSON object's repeated key quietly
+takes its last value. A model must see exactly what the OpenAPI document promises, so a
+``before_request`` hook refuses a body that is not declared JSON (415), decodes it strictly
+against the handler's ``data`` type, refuses a repeated key, and turns the first problem into a
+4xx whose ``extra`` names the field: the same shape as Litestar's own validation errors. The
+hook hands its result to ``StrictRequest``, so that Litestar builds ``data`` from it rather
+than decoding the body a second time.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 from litestar import Request
-from litestar.exceptions import ValidationException
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
 from litestar.types import Empty
 
 from serving.contract import ISLANDS, SEXES
@@ -31,6 +37,7 @@ async def decode_body_strictly(request: Request[Any, Any, Any]) -> None:
     data_field = request.route_handler.parsed_data_field
     if data_field is None:
         return None
+    _require_json(request)
     body = await request.body()  # Raises 413 beyond the route's request_max_body_size.
     if not body.strip():
         raise ValidationException(
@@ -51,9 +58,77 @@ async def decode_body_strictly(request: Request[Any, Any, Any]) -> None:
             detail=f"Validation failed for {_where(request)}: the body is not valid JSON ({exc})",
             extra=[{"message": f"Malformed JSON: {exc}", "source": "body"}],
         ) from None
+    if (repeated := repeated_key(body, decoded)) is not None:
+        raise ValidationException(
+            detail=f"Validation failed for {_where(request)}: {repeated}: the key appears more "
+                   "than once in one object",
+            extra=[{"key": repeated, "message": "Duplicate key", "source": "body"}],
+        )
     if isinstance(request, StrictRequest):
         request.decoded = decoded
     return None
+
+
+def _require_json(request: Request[Any, Any, Any]) -> None:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type == "application/json" or (media_type.startswith("application/")
+                                            and media_type.endswith("+json")):
+        return
+    shown = f"`{media_type[:64]}`" if media_type else "none"
+    raise HTTPException(
+        status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        detail=f"{_where(request)} takes a JSON body: send Content-Type: application/json "
+               f"(got {shown})",
+        extra=[{"key": "Content-Type", "message": "Expected application/json",
+                "source": "header"}],
+    )
+
+
+# A JSON key is a string followed by a colon; in a body with no backslash, no string can hold
+# a quote, so these count the keys exactly.
+_KEY = b'":'
+_SPACED_KEY = re.compile(rb'"[ \t\r\n]+:')
+
+
+def repeated_key(body: bytes, decoded: Any) -> str | None:
+    """A key that appears twice in one object of ``body``, which decoded to ``decoded``; None if
+    there is none. ``decoded`` holds one value per key, so a body with more keys than it has
+    fields repeats one. Only then, or when escapes could hide a key, is the body parsed again."""
+    if b"\\" not in body:
+        keys = body.count(_KEY)
+        if _SPACED_KEY.search(body):
+            keys += len(_SPACED_KEY.findall(body))
+        if keys == _fields_in(decoded):
+            return None
+    repeated: list[str] = []
+
+    def note_repeats(pairs: list[tuple[str, Any]]) -> None:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and not repeated:
+                repeated.append(key)
+            seen.add(key)
+
+    json.loads(body, object_pairs_hook=note_repeats)
+    return repeated[0] if repeated else None
+
+
+def _fields_in(value: Any) -> int:
+    """How many keys the JSON of ``value`` holds (all of a struct's fields are required)."""
+    if isinstance(value, msgspec.Struct):
+        return sum(1 + _fields_in(getattr(value, name)) for name in value.__struct_fields__)
+    if isinstance(value, list) and value:
+        if isinstance(value[0], msgspec.Struct) and _is_flat(type(value[0])):
+            return len(value) * len(value[0].__struct_fields__)  # a batch: cheap to count
+        return sum(_fields_in(item) for item in value)
+    return 0
+
+
+@functools.cache
+def _is_flat(struct: type[msgspec.Struct]) -> bool:
+    """No field of ``struct`` holds a struct or a list."""
+    return all(not isinstance(field.type, msgspec.inspect.StructType | msgspec.inspect.ListType)
+               for field in msgspec.inspect.type_info(struct).fields)
 
 
 class StrictRequest(Request[Any, Any, Any]):

@@ -25,6 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
+from serving.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -36,7 +38,6 @@ DOCKERFILES = [AIRFLOW_DOCKERFILE, SERVING_DOCKERFILE]
 SHARED_COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 
 SERVING_PORT = "8989"
-SERVING_APP = "serving.app:app"
 EXECUTION_API_URL = "http://airflow-apiserver:8080/execution/"
 # A `${NAME}`, `${NAME:-default}` or `${NAME:?error}` that compose interpolates (`$${...}` is
 # escaped and left to the container's shell).
@@ -284,9 +285,10 @@ def test_mysql_allows_load_data_local_infile() -> None:
 
 def test_serving_runs_the_app_on_its_port() -> None:
     cmd = json.loads(instruction(SERVING_DOCKERFILE, "CMD")[-1])
-    assert cmd[0] == "uvicorn" and SERVING_APP in cmd
-    assert cmd[cmd.index("--port") + 1] == SERVING_PORT
-    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd == ["python", "-m", "serving"], "the front door's limits come with python -m serving"
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction(SERVING_DOCKERFILE, "ENV"))))
+    settings = Settings.from_env(image_env)
+    assert (settings.host, str(settings.port)) == ("0.0.0.0", SERVING_PORT)
     assert f"{SERVING_PORT}:{SERVING_PORT}" in services()["serving"]["ports"]
     assert instruction(SERVING_DOCKERFILE, "EXPOSE") == [SERVING_PORT]
     healthcheck = instruction(SERVING_DOCKERFILE, "HEALTHCHECK")[-1]

@@ -169,14 +169,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
                 access_log: bool = True, **env: str) -> Iterator[LiveService]:
-    """``uvicorn serving.app:app`` in a subprocess on a free port; stopped on exit.
-
-    ``cpu``: pin the process to that core (``taskset``), as the benchmark does.
+    """``python -m serving`` (uvicorn behind the front door) in a subprocess on a free port, as
+    users start it; stopped on exit. ``cpu``: pin the process to that core (``taskset``), as
+    the benchmark does.
     """
     port = free_port()
-    environment = {**os.environ, "MODELS_DIR": str(models_dir), "MODEL_SIGNING_KEY": "", **env}
-    command = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
-               "--port", str(port), *([] if access_log else ["--no-access-log"])]
+    environment = {**os.environ, "MODELS_DIR": str(models_dir), "MODEL_SIGNING_KEY": "",
+                   "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port),
+                   "SERVING_ACCESS_LOG": "1" if access_log else "0", **env}
+    command = [sys.executable, "-m", "serving"]
     if cpu is not None:
         command = ["taskset", "--cpu-list", str(cpu), *command]
     with log_file.open("wb") as log:

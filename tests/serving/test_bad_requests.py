@@ -21,6 +21,9 @@ def _without(field: str) -> dict:
     return {k: v for k, v in PENGUIN.items() if k != field}
 
 
+JSON = {"content-type": "application/json"}
+
+
 def _body(**changes) -> bytes:
     return json.dumps({**PENGUIN, **changes}).encode()
 
@@ -99,8 +102,7 @@ def client(published, tmp_path_factory) -> TestClient:
     ids=[case[0] for case in CASES],
 )
 def test_a_bad_request_gets_a_clear_4xx(client, method, path, body, status, expected):
-    response = client.request(method, path, content=body,
-                              headers={"content-type": "application/json"})
+    response = client.request(method, path, content=body, headers=JSON)
     assert response.status_code == status, response.text
     error = response.json()
     assert error["status_code"] == status
@@ -108,7 +110,7 @@ def test_a_bad_request_gets_a_clear_4xx(client, method, path, body, status, expe
 
 
 def test_a_field_error_names_the_field_in_extra(client):
-    error = client.post("/predict/svm", content=_body(bill_length_mm=5)).json()
+    error = client.post("/predict/svm", content=_body(bill_length_mm=5), headers=JSON).json()
     assert error["extra"] == [
         {"message": "Expected `float` >= 10.0", "key": "bill_length_mm", "source": "body"}
     ]
@@ -116,4 +118,4 @@ def test_a_field_error_names_the_field_in_extra(client):
 
 
 def test_the_good_request_of_the_table_passes(client):
-    assert client.post("/predict/svm", content=_body()).status_code == 200
+    assert client.post("/predict/svm", content=_body(), headers=JSON).status_code == 200
