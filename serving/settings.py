@@ -75,6 +75,10 @@ class Settings:
     """``SERVING_BODY_TIMEOUT_SECONDS``: the time from the end of the headers to the end of the
     body; then the connection is closed."""
 
+    send_timeout_seconds: float = 30.0
+    """``SERVING_SEND_TIMEOUT_SECONDS``: how long an answer may wait for a client that does not
+    read it; then the connection is dropped."""
+
     keep_alive_seconds: float = 5.0
     """``SERVING_KEEP_ALIVE_SECONDS``: an idle keep-alive connection is closed after this."""
 
@@ -109,6 +113,8 @@ class Settings:
                                            cls.header_timeout_seconds, low=0.1, high=3600.0),
             body_timeout_seconds=_number(env, "SERVING_BODY_TIMEOUT_SECONDS", float,
                                          cls.body_timeout_seconds, low=0.1, high=3600.0),
+            send_timeout_seconds=_number(env, "SERVING_SEND_TIMEOUT_SECONDS", float,
+                                         cls.send_timeout_seconds, low=0.1, high=3600.0),
             keep_alive_seconds=_number(env, "SERVING_KEEP_ALIVE_SECONDS", float,
                                        cls.keep_alive_seconds, low=0.1, high=3600.0),
         )

@@ -7,6 +7,7 @@ small limits (set through its settings) so that the slow cases take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -23,7 +24,8 @@ from tests.serving.conftest import PENGUIN, LiveService, run_uvicorn
 
 LIMITS = {
     "SERVING_HEADER_TIMEOUT_SECONDS": "1", "SERVING_BODY_TIMEOUT_SECONDS": "1",
-    "SERVING_KEEP_ALIVE_SECONDS": "1", "SERVING_MAX_CONNECTIONS": "20",
+    "SERVING_KEEP_ALIVE_SECONDS": "1", "SERVING_SEND_TIMEOUT_SECONDS": "1",
+    "SERVING_MAX_CONNECTIONS": "20",
     "SERVING_MAX_HEADER_BYTES": "16384", "SERVING_MAX_HEADERS": "64",
     "SERVING_MAX_REQUEST_LINE_BYTES": "8192",
 }
@@ -133,6 +135,96 @@ def test_too_many_headers_or_too_long_a_request_line_are_refused(service):
         assert status_of(read_all(sock)) == 414
 
 
+def statuses(answer: bytes) -> list[int]:
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def send_until_refused(sock: socket.socket, start: bytes, limit: int) -> int:
+    """Send ``start``, then padding, until the server stops reading or ``limit`` bytes went."""
+    sock.sendall(start)
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(b"a" * 65536)
+            sent += 65536
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
+def test_an_endless_trailer_is_refused(service):
+    before = rss_kib(service)
+    with connect(service) as sock:
+        sent = send_until_refused(sock, b"POST /predict/svm HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                  b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                  b"2\r\n{}\r\n0\r\nX-Trailer: ", 64 * 1024 * 1024)
+        answer = read_all(sock)
+    # Refused at MAX_BODY_BYTES (1 MB); what more went out filled the sockets' buffers.
+    assert sent < 16 * 1024 * 1024, f"the server took {sent} bytes of trailer"
+    assert statuses(answer) in ([431], [413], []), answer[:200]
+    assert rss_kib(service) - before < 20 * 1024
+
+
+@pytest.mark.parametrize("prefix", [b"\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"],
+                         ids=["after-blank-lines", "pipelined-behind-a-small-request"])
+def test_a_large_header_cannot_hide_behind_another_request(service, prefix):
+    with connect(service) as sock:
+        sock.sendall(prefix + b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000
+                     + b"\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+    assert statuses(answer)[-1:] == [431], answer[:300]
+
+
+def test_a_flood_of_pipelined_requests_is_cut_short(service):
+    before = rss_kib(service)
+    flood = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 6000
+    socks = [connect(service) for _ in range(10)]
+    try:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.sendall(flood)
+        answers = [read_all(sock) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    for answer in answers:
+        assert len(statuses(answer)) < 50, "the server answered the whole flood"
+    assert rss_kib(service) - before < 40 * 1024
+
+
+def test_pipelined_requests_within_the_limits_are_all_answered(service):
+    headers = "".join(f"X-{i}: {i}\r\n" for i in range(40))
+    request = f"GET /health HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
+    with connect(service) as sock:
+        sock.sendall(request + request[:-2] + b"Connection: close\r\n\r\n")
+        assert statuses(read_all(sock)) == [200, 200]
+
+
+def test_a_body_the_application_did_not_read_is_not_taken_for_a_request(service):
+    with connect(service) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                     + b"a" * 100_000)
+        assert statuses(read_all(sock, seconds=4)) == [200]
+
+
+def test_clients_that_never_read_their_answers_do_not_keep_their_connections(service):
+    request = b"GET /static/swagger-ui/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n" * 3
+    readers = []
+    for _ in range(19):  # with the monitor's, every connection the service takes
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        host, port = service.url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        sock.sendall(request)
+        readers.append(sock)
+    try:
+        time.sleep(4)  # the send timeout is 1 s
+        assert requests.get(f"{service.url}/health", timeout=5).ok
+    finally:
+        for sock in readers:
+            sock.close()
+
+
 def test_headers_trickled_byte_by_byte_are_timed_out(service):
     with connect(service) as sock:
         started = time.monotonic()
@@ -234,6 +326,16 @@ def test_a_body_that_is_not_declared_json_is_refused(service, content_type):
     answer = session.send(request, timeout=10)
     assert answer.status_code == 415, answer.text
     assert answer.json()["extra"][0]["key"] == "Content-Type"
+
+
+def test_a_refused_content_type_logs_no_traceback(service, guarded):
+    _, log = guarded
+    before = len(log.read_text(errors="replace"))
+    answer = requests.post(f"{service.url}/predict/svm", data="{}", timeout=10,
+                           headers={"Content-Type": "text/plain"})
+    assert answer.status_code == 415
+    time.sleep(0.2)
+    assert "Traceback" not in log.read_text(errors="replace")[before:]
 
 
 def test_json_with_a_charset_is_json(service):
