@@ -85,8 +85,13 @@ def start(folder: Path, *, port: int, host: str = "127.0.0.1", root_auth: str = 
     user = ["--user=root"] if os.geteuid() == 0 else []
     # With ``socket``, the socket lets in the OS user who runs this, with no password.
     admin = "root" if root_auth == "normal" else pwd.getpwuid(os.geteuid()).pw_name
-    if not (data / "mysql").is_dir():
+    # Written once mariadb-install-db has finished: a data folder without it is half made (the
+    # launcher was killed meanwhile) and is made again.
+    initialized = folder / "initialized"
+    if not initialized.exists():
+        shutil.rmtree(data, ignore_errors=True)
         _initialize(install_db, data, root_auth, admin, user)
+        initialized.touch()
     socket = _socket_path(folder)
     log = folder / "mariadbd.log"
     with log.open("ab") as out:
@@ -134,7 +139,8 @@ def _initialize(install_db: str, data: Path, root_auth: str, admin: str,
     result = subprocess.run(
         [install_db, "--no-defaults", f"--datadir={data}", "--skip-test-db",
          f"--auth-root-authentication-method={root_auth}", *socket_user, *user],
-        capture_output=True, text=True,
+        # Out of reach of a Ctrl-C meant for the launcher, which stops after this step.
+        capture_output=True, text=True, start_new_session=True,
     )
     if result.returncode != 0:
         shutil.rmtree(data, ignore_errors=True)  # half a data folder would be taken for a whole

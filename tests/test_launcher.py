@@ -103,6 +103,8 @@ class Way:
     through_uv: bool = False
     when: str = READY
     """What the launcher has printed when the signal is sent."""
+    fresh_home: bool = False
+    """Start from a new AIRFLOW_HOME, whose MariaDB data folder is yet to be made."""
 
 
 WAYS = {
@@ -114,6 +116,8 @@ WAYS = {
     "sigterm-three-times-while-starting": Way(signal.SIGTERM, 3, False, False,
                                               when="starting api-server"),
     "sighup-while-migrating": Way(signal.SIGHUP, 1, False, False, when="running airflow db"),
+    "sigint-to-the-group-while-mariadb-initializes": Way(
+        signal.SIGINT, 1, True, False, when="starting the embedded MariaDB", fresh_home=True),
 }
 
 
@@ -127,6 +131,8 @@ def launcher_home(tmp_path_factory) -> Path:
 @pytest.mark.airflow
 @pytest.mark.parametrize("way", WAYS.values(), ids=WAYS.keys())
 def test_stopping_leaves_nothing_running(way: Way, launcher_home: Path, tmp_path):
+    if way.fresh_home:
+        launcher_home = tmp_path / "home"
     ports = {name: free_port() for name in ("AIRFLOW_API_PORT", "SERVING_PORT",
                                              "PENGUINS_MYSQL_PORT")}
     env = {k: v for k, v in os.environ.items()
@@ -158,9 +164,17 @@ def test_stopping_leaves_nothing_running(way: Way, launcher_home: Path, tmp_path
             # Refused while anything listens there; connections in TIME_WAIT do not count.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
+    assert "error" not in launcher.output, launcher.output[-3000:]
     credentials = launcher_home / "mariadb" / "credentials.json"
     if credentials.exists():
         assert set(json.loads(credentials.read_text())) == {"user", "password"}
+    if way.fresh_home:
+        # Stopped half way or not, the next start makes a working server.
+        server = local_mariadb.start(launcher_home / "mariadb", port=free_port())
+        try:
+            server.connect_as_admin().close()
+        finally:
+            server.stop()
 
 
 class _Launched:
