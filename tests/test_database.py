@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
+import pandas as pd
 import pytest
 
 from penguins import contract
@@ -13,7 +17,7 @@ from penguins.database import (
     write_clean,
 )
 from penguins.source import check_source
-from tests.data import packaged_rows, raw_frame
+from tests.data import packaged_rows, raw_frame, write_csv
 
 
 def test_create_and_empty_is_idempotent_and_recreates_dropped_tables(db):
@@ -105,3 +109,24 @@ def test_wrong_credentials_are_a_final_problem_naming_the_connection(mysql):
     assert not problem.value.retryable
     assert "refused connection 'mysql_airflow_conn'" in str(problem.value)
     assert "Access denied" in str(problem.value)
+
+
+def test_a_load_the_client_may_not_send_fails_at_once_and_leaves_nothing_open(mysql, tmp_path):
+    import MySQLdb
+
+    # LOCAL INFILE off on the client: the load fails before the feeder's rows are read; the
+    # feeder, blocked on a full pipe, must stop too (a bigger file than the pipe holds).
+    source = check_source(write_csv(tmp_path / "big.csv", pd.concat([packaged_rows()] * 20)))
+    conn = MySQLdb.connect(host=mysql.host, port=mysql.port, user=mysql.user,
+                           password=mysql.password, database=mysql.database, local_infile=0)
+    open_before = set(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    try:
+        create_and_empty_tables(conn)
+        with pytest.raises(MySQLdb.MySQLError):
+            load_raw(conn, source)
+        assert count_rows(conn, contract.RAW_TABLE) == 0
+    finally:
+        conn.close()
+    assert threading.active_count() == threads_before, "the feeder thread is still running"
+    assert set(os.listdir("/proc/self/fd")) <= open_before, "a pipe end was left open"

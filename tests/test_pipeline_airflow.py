@@ -34,8 +34,10 @@ def dag():
 
 
 @pytest.fixture
-def run_dag(dag, mysql, airflow_db, monkeypatch):
+def run_dag(dag, mysql, airflow_db, monkeypatch, tmp_path):
     """Run the DAG once with a run conf into a models folder; return the finished DagRun."""
+    # The tests write their source CSVs into tmp_path: it is their source folder.
+    monkeypatch.setenv("PENGUINS_SOURCE_DIR", str(tmp_path))
 
     def run(models_dir: Path, conn_url: str = mysql.url, **conf):
         monkeypatch.setenv("AIRFLOW_CONN_MYSQL_AIRFLOW_CONN", conn_url)

@@ -45,7 +45,9 @@ _PARAMS = {
     ),
     "source_path": Param(
         None, type=["null", "string"], title="Source CSV",
-        description="Path to a CSV with the palmerpenguins columns. Empty: the packaged data.",
+        description="A CSV with the palmerpenguins columns, inside the source folder "
+                    "(PENGUINS_SOURCE_DIR; default airflow/data/ in the repository): a path "
+                    "relative to it, or absolute. Empty: the packaged data.",
     ),
 }
 
@@ -100,17 +102,17 @@ def _mysql_connection():
 def penguins_pipeline():
     @task
     def check_source() -> dict:
-        """Refuse a bad source before anything is emptied; return its path and row count."""
-        from penguins.source import SourceError, check_source
+        """Refuse a bad source before anything is emptied; return what the load must find again."""
+        from penguins.source import check_source
+        from penguins.source_location import SourceError, locate
 
-        params = get_current_context()["params"]
-        path = params["source_path"] or str(contract.default_source())
         try:
-            source = check_source(path)
+            source = check_source(locate(get_current_context()["params"]["source_path"]))
         except SourceError as exc:
             raise AirflowFailException(str(exc)) from exc  # a bad file will not fix itself
         print(f"source {source.path}: {source.rows} rows, columns {', '.join(source.columns)}")
-        return {"path": str(source.path), "rows": source.rows}
+        return {"path": str(source.path), "columns": list(source.columns), "rows": source.rows,
+                "sha256": source.sha256}
 
     @task
     def truncate() -> str:
@@ -123,10 +125,17 @@ def penguins_pipeline():
     @task
     def load_raw(table: str, source: dict) -> str:
         from penguins.database import load_raw
-        from penguins.source import read_layout
+        from penguins.source import Source
+        from penguins.source_location import SourceError, locate
 
-        with _mysql_connection() as conn:
-            rows = load_raw(conn, read_layout(source["path"], rows=source["rows"]))
+        try:
+            # The path is confined again: the load opens it afresh, as the check did.
+            checked = Source(locate(source["path"]), tuple(source["columns"]), source["rows"],
+                             source["sha256"])
+            with _mysql_connection() as conn:
+                rows = load_raw(conn, checked)
+        except SourceError as exc:
+            raise AirflowFailException(str(exc)) from exc  # the file changed: only a new run helps
         print(f"loaded {rows} rows into {table}")
         return table
 

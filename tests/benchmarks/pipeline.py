@@ -38,6 +38,8 @@ def run(context: Context) -> SectionResult:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW_CONN_MYSQL_AIRFLOW_CONN": context.server.url,
+        # The synthetic sources are written there: it is the run's source folder.
+        "PENGUINS_SOURCE_DIR": str(context.workdir),
     }
     progress("migrating a throwaway Airflow metadata database")
     started = time.perf_counter()

@@ -7,25 +7,32 @@ fixed set in ``contract.TABLES``; values are always bound, never pasted into SQL
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 from collections.abc import Callable
+from itertools import count
+from typing import TextIO
 
 import MySQLdb
 import pandas as pd
 
 from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE, TABLES
-from penguins.source import Source
+from penguins.source import Batch, Source, open_rows
+from penguins.source_location import SourceError
 
-# ``source_row`` is the row's position in the source file: it keeps reads in file order, so the
-# same data and seed give the same train/test split on every run. The raw table keeps every
-# value as the text the source ships (types are the clean table's business), so a dirty value
-# is stored as it came and counted by preprocess, not lost or turned into 0 by the load.
+# ``source_row`` is the row's position in the source file, the "data row" the check's messages
+# name; the load sets it, so a failed load that used up AUTO_INCREMENT values cannot shift it.
+# It keeps reads in file order, so the same data and seed give the same train/test split on
+# every run. The raw table keeps every value as the text the source ships (types are the clean
+# table's business), so a dirty value is stored as it came and counted by preprocess, not lost
+# or turned into 0 by the load. utf8mb4: any text the check accepts can be stored as it is.
 _DDL = {
     RAW_TABLE: f"""
         CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
             source_row INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
             {", ".join(f"{column} VARCHAR(64) NULL" for column in COLUMNS)}
-        )""",
+        ) DEFAULT CHARSET=utf8mb4""",
     CLEAN_TABLE: f"""
         CREATE TABLE IF NOT EXISTS {CLEAN_TABLE} (
             source_row INT UNSIGNED NOT NULL PRIMARY KEY,
@@ -88,34 +95,122 @@ def create_and_empty_tables(conn) -> None:
 
 
 def load_raw(conn, source: Source) -> int:
-    """Bulk-load a checked source file into the raw table as it ships; return the row count.
+    """Bulk-load a checked source into the raw table, exactly as the check read it; return the
+    row count.
 
-    ``LOAD DATA LOCAL INFILE`` streams the file from the client, so memory stays flat however
-    large the file is. ``NA`` and empty fields become SQL NULL; every other value is stored as
-    the text it is in the file.
+    The file is parsed again by the check's own reader (``penguins.source.open_rows``), and the
+    parsed rows stream through a pipe to ``LOAD DATA LOCAL INFILE`` in one fixed form that the
+    server cannot read two ways: every value quoted, no escape character, ``\\n`` between rows,
+    a missing value (exactly ``NA`` or empty) as a bare ``NULL``, the row's number as
+    ``source_row``. So memory stays flat, and ``penguins_raw`` holds the values the check saw,
+    each other value stored as its text. If the file is no longer the one checked (another
+    SHA-256 or row count), or the server warns, nothing is kept.
     """
-    variables = ", ".join(f"@{column}" for column in source.columns)
-    assignments = ", ".join(f"{column} = {_null_if_missing(column)}" for column in COLUMNS)
     sql = (
         f"LOAD DATA LOCAL INFILE %s INTO TABLE {RAW_TABLE} CHARACTER SET utf8mb4 "
-        f"FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' "
-        f"LINES TERMINATED BY %s IGNORE 1 LINES ({variables}) SET {assignments}"
+        "FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' "
+        f"(source_row, {', '.join(_checked_columns(source.columns))})"
     )
     with conn.cursor() as cursor:
-        cursor.execute(sql, (str(source.path), source.line_terminator))
-        cursor.execute(f"SELECT COUNT(*) FROM {RAW_TABLE}")
-        (loaded,) = cursor.fetchone()
+        # Explicit, so that a refused load is undone on an autocommit connection too.
+        cursor.execute("START TRANSACTION")
+        try:
+            loaded, warnings = _stream(conn, cursor, sql, source)
+            if warnings:
+                # LOAD DATA LOCAL turns bad values into warnings and goes on: never keep those.
+                # Warnings' texts can quote values, so only their number is told.
+                raise RuntimeError(f"the server warned ({warnings} times) while loading "
+                                   f"{source.path}; nothing was loaded")
+            if loaded != source.rows:
+                raise RuntimeError(f"loaded {loaded} rows from {source.path}, expected "
+                                   f"{source.rows}; nothing was loaded")
+        except BaseException:
+            conn.rollback()
+            raise
     conn.commit()
-    if loaded != source.rows:
-        raise RuntimeError(f"loaded {loaded} rows from {source.path}, expected {source.rows}")
     return loaded
 
 
-def _null_if_missing(column: str) -> str:
-    expression = f"@{column}"
+def _stream(conn, cursor, sql: str, source: Source) -> tuple[int, int]:
+    """Run the LOAD DATA statement on a pipe the feeder fills; return rows loaded and warnings."""
+    read_end, write_end = os.pipe()
+    feeder = _Feeder(source, write_end)
+    feeder.start()
+    try:
+        # The client opens the pipe's read end by name; /dev/fd gives it one.
+        cursor.execute(sql, (f"/dev/fd/{read_end}",))
+        result = cursor.rowcount, conn.warning_count()
+    finally:
+        os.close(read_end)  # a feeder still writing to a failed load stops now
+        feeder.join()
+    if feeder.error is not None:
+        raise feeder.error
+    return result
+
+
+class _Feeder(threading.Thread):
+    """Writes the source's rows, as the check's reader parses them, into the load's pipe."""
+
+    def __init__(self, source: Source, write_end: int) -> None:
+        super().__init__(name="penguins-load-feeder", daemon=True)
+        self.source, self.write_end = source, write_end
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            # Closing the write end, however the writing ends, is what ends the load's input.
+            with open(self.write_end, "w", encoding="utf-8", newline="") as pipe:
+                _write_rows(self.source, pipe)
+        except BaseException as exc:  # handed to the loading thread, which raises it
+            self.error = exc
+
+
+def _write_rows(source: Source, pipe: TextIO) -> None:
+    try:
+        with open_rows(source.location) as rows:
+            if rows.header != source.columns:
+                raise SourceError(f"source {source.path}: its header is not the one checked")
+            for batch in rows.batches():
+                pipe.write(_load_lines(batch))
+            if (rows.rows, rows.sha256()) != (source.rows, source.sha256):
+                raise SourceError(f"source {source.path}: its SHA-256 is not the one checked")
+    except SourceError as exc:
+        # The check accepted this file, so whatever the reader refuses now is a change.
+        raise SourceError(f"{exc}; it changed after check_source read it, so nothing was "
+                          "loaded: trigger the run again") from None
+
+
+def _load_lines(batch: Batch) -> str:
+    """The batch as the load's input: ``N,"value",...,NULL`` and ``\\n`` per row.
+
+    ``N`` is the row's ``source_row``; a missing value (exactly ``NA`` or empty) is the bare
+    word ``NULL``, which LOAD DATA reads as SQL NULL; every other value is quoted, with a quote
+    in it doubled. With no escape character, nothing in a value (a backslash, a line end, the
+    text "NULL") can mean anything but itself.
+    """
+    if '"' in "".join(map("".join, batch.rows)):
+        return "".join(f"{number},{','.join(map(_field, record))}\n"
+                       for number, record in enumerate(batch.rows, batch.first_row))
+    # The same text, built in C, for the usual batch: with no quote in any value, a quoted
+    # marker such as "NA" can only be a whole field, so replacing it is exact.
+    text = "".join(map('{},"{}"\n'.format, count(batch.first_row),
+                       map('","'.join, batch.rows)))
     for marker in NA_MARKERS:
-        expression = f"NULLIF({expression}, '{marker}')"
-    return expression
+        text = text.replace(f'"{marker}"', "NULL")
+    return text
+
+
+def _field(value: str) -> str:
+    if value in NA_MARKERS:
+        return "NULL"
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _checked_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
+    # The check allows only these names, but they reach SQL: check them where SQL is written.
+    if sorted(columns) != sorted(COLUMNS):
+        raise ValueError(f"a source's columns must be {COLUMNS} in any order")
+    return columns
 
 
 def read_table(conn, table: str) -> pd.DataFrame:
