@@ -65,8 +65,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._header_count = 0
         self._refusal: tuple[HTTPStatus, str] | None = None
-        self._header_deadline: asyncio.TimerHandle | None = None
-        self._body_deadline: asyncio.TimerHandle | None = None
+        self._deadline: tuple[str, float] | None = None
+        """What is awaited ("headers" or "body") and by when (the loop's clock), if anything."""
+        self._timer: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
 
     # --- the connection ---
@@ -81,12 +82,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                             self._settings.max_connections)
             transport.abort()
             return
-        self._arm_header_deadline()
+        self._await("headers", self._settings.header_timeout_seconds)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for deadline in (self._header_deadline, self._body_deadline, self._send_deadline):
-            if deadline is not None:
-                deadline.cancel()
+        for timer in (self._timer, self._send_deadline):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -164,10 +165,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                              f"more than {_MAX_PIPELINED} pipelined requests")
             return
         self._in_headers, self._body_bytes = False, 0
-        self._cancel("_header_deadline")
-        self._body_deadline = self.loop.call_later(
-            self._settings.body_timeout_seconds, self._drop,
-            "the request's body took longer than", self._settings.body_timeout_seconds)
+        self._await("body", self._settings.body_timeout_seconds)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -179,7 +177,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         # The next message's bytes start here.
         self._in_headers, self._head_bytes = True, 0
-        self._cancel("_body_deadline")
+        self._deadline = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -187,18 +185,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Waiting for the next request's headers again (a body still arriving, the rest of an
         # answered request's or a pipelined one's, has its own deadline).
         if (not self.transport.is_closing() and self._in_headers and not self.pipeline
-                and self._header_deadline is None):
-            self._arm_header_deadline()
+                and self._deadline is None):
+            self._await("headers", self._settings.header_timeout_seconds)
 
     # --- the limits ---
 
-    def _arm_header_deadline(self) -> None:
-        self._header_deadline = self.loop.call_later(self._settings.header_timeout_seconds,
-                                                     self._headers_too_slow)
+    def _await(self, what: str, seconds: float) -> None:
+        """Expect ``what`` within ``seconds``. One timer per connection serves every deadline:
+        moving a deadline later is arithmetic, and the timer, when it fires early, sleeps on to
+        the current one, so a keep-alive connection does not make and cancel timers for every
+        request it carries."""
+        due = self.loop.time() + seconds
+        self._deadline = (what, due)
+        if self._timer is not None and self._timer.when() > due:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline is None or self.transport.is_closing():
+            return
+        what, due = self._deadline
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._on_timer)
+            return
+        self._deadline = None
+        if what == "body":
+            self._drop("the request's body took longer than", self._settings.body_timeout_seconds)
+        else:
+            self._headers_too_slow()
 
     def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        if not self._in_headers or self.transport.is_closing() or self._answering():
+        if not self._in_headers or self._answering():
             return
         if self._head_bytes:
             self._refuse(HTTPStatus.REQUEST_TIMEOUT, "headers took longer than "
@@ -233,9 +253,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Close once what was written has gone; drop the connection if it has not gone soon."""
         self.transport.close()
         self.loop.call_later(_GRACE_SECONDS, self.transport.abort)
-
-    def _cancel(self, attribute: str) -> None:
-        deadline = getattr(self, attribute)
-        if deadline is not None:
-            deadline.cancel()
-            setattr(self, attribute, None)
