@@ -47,6 +47,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _NEEDED_MODULES = ("airflow", "MySQLdb", "uvicorn", "litestar")
 
 
+class StartError(Exception):
+    """The system cannot start; the message says why and what to do."""
+
+
 class Stopped(Exception):
     """A stop signal arrived: everything started so far is to be stopped."""
 
@@ -188,10 +192,6 @@ def main() -> None:
             mariadb.stop()
     print("stopped", file=sys.stderr, flush=True)
     sys.exit(exit_code)
-
-
-class StartError(Exception):
-    """The system cannot start; the message says why and what to do."""
 
 
 def system_environment(environ: dict[str, str], *, home: Path, host: str, connection: str,
