@@ -163,7 +163,7 @@ def main() -> None:
         for component in components:
             requests.check()
             component.start(env)
-        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        local = _local_address(host)
         airflow_url = f"http://{local}:{port['AIRFLOW_API_PORT']}"
         serving_url = f"http://{local}:{port['SERVING_PORT']}"
         _wait_until_ready(components, requests, {
@@ -198,7 +198,7 @@ def system_environment(environ: dict[str, str], *, home: Path, host: str, connec
                        api_port: int) -> dict[str, str]:
     """The environment every component runs in: the caller's, plus what this system needs."""
     env = dict(environ)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    local = _local_address(host)
     env.update(
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "airflow" / "dags"),
@@ -308,12 +308,17 @@ def _start_mariadb(home: Path, host: str, port: int):
     except BaseException:
         server.stop()
         raise
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    local = _local_address(host)
     url = (f"mysql://{quote(credentials['user'], safe='')}:"
            f"{quote(credentials['password'], safe='')}@{local}:{port}/{DATABASE}")
     line = (f"embedded MariaDB, {local}:{port}, database {DATABASE}; user and password in "
             f"{_shown(credentials_file)}")
     return server, url, line
+
+
+def _local_address(host: str) -> str:
+    """Where this machine reaches a server listening on ``host`` (all addresses: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 def _airflow(*args: str) -> list[str]:
