@@ -8,7 +8,19 @@ start, or a new random one. A placeholder such as ``change-me`` is refused, nami
 Each file is readable by its reader only: the database images read their ``*_FILE`` as uid 999;
 Airflow reads its own through ``*_CMD`` options, its secrets backend and SimpleAuthManager's
 password file, as ``AIRFLOW_UID``. Nothing secret is printed, except the Airflow admin's password
-once, on the start that creates it. Standard library only: it runs before anything is installed.
+once, on the start that creates it.
+
+It also makes the model signing key pair (``serving.store.signing``) unless the private key
+exists; an existing one is never replaced, since the models signed with it would no longer
+verify. The private key (``MODEL_SIGNING_KEY_FILE``, in the ``secrets`` volume) is readable by
+``AIRFLOW_UID`` only; the public key (``MODEL_PUBLIC_KEY_FILE``) goes to a volume of its own, the
+only one the prediction service gets, read-only: the service never sees the private key. Only
+the key's fingerprint is printed.
+
+The secrets need only the standard library. The key pair is made by the project's own
+``serving.store.signing`` (one definition of the key format for the pipeline, the service and
+this), which needs ``cryptography``: the Airflow image has it (Airflow depends on it) and holds
+the ``serving`` package on its ``PYTHONPATH`` (airflow/Dockerfile).
 """
 
 from __future__ import annotations
@@ -57,12 +69,18 @@ SQL_ALCHEMY_CONN_FILE = "sql_alchemy_conn"
 CONNECTIONS_FILE = "connections.json"
 PASSWORDS_FILE = "simple_auth_manager_passwords.json"
 
+# The model signing key pair; compose gives both paths (the same ones it gives the readers).
+PRIVATE_KEY_FILE = "model_signing_key.pem"
+"""In the secrets volume, unless ``MODEL_SIGNING_KEY_FILE`` says otherwise."""
+DEFAULT_PUBLIC_KEY = "/run/model-public-key/public.pem"
+
 
 def main() -> int:
     env = os.environ
     folder = Path(env.get("SECRETS_DIR", "/run/secrets/penguins"))
     try:
         created = write_secrets(folder, env)
+        key_created, fingerprint = write_signing_keys(folder, env)
     except SecretError as problem:
         print(f"init-secrets: {problem}", file=sys.stderr)
         return 1
@@ -75,6 +93,9 @@ def main() -> int:
     kept = sorted(set(SECRETS) - set(created))
     print(f"init-secrets: created {', '.join(sorted(created)) or 'nothing'}; "
           f"kept {', '.join(kept) or 'nothing'}")
+    # The fingerprint only (public, and what the service names when it refuses a signature).
+    print(f"init-secrets: {'created' if key_created else 'kept'} the model signing key "
+          f"{fingerprint}")
     return 0
 
 
@@ -110,6 +131,43 @@ def write_secrets(folder: Path, env: dict[str, str] | os._Environ) -> set[str]:
     for filename, text in derived.items():
         _write(folder / filename, text, airflow_uid)
     return created
+
+
+def write_signing_keys(folder: Path, env: dict[str, str] | os._Environ) -> tuple[bool, str]:
+    """Make the model signing key pair unless the private key exists; give both files their
+    owners and modes. Return whether it was made now, and the key's fingerprint."""
+    try:
+        from serving.store import signing
+        from serving.store.layout import StoreError
+    except ImportError as exc:  # an image built without serving/ (airflow/Dockerfile copies it)
+        raise SecretError(f"cannot make the model signing key: {exc} (the Airflow image must "
+                          "hold the serving package on its PYTHONPATH)") from None
+    private = Path(env.get(signing.PRIVATE_KEY_ENV) or folder / PRIVATE_KEY_FILE)
+    public = Path(env.get(signing.PUBLIC_KEY_ENV) or DEFAULT_PUBLIC_KEY)
+    try:
+        created = signing.ensure_key_pair(private, public)
+        key = signing.load_private_key(private).public_key()
+        try:
+            matches = signing.key_id(signing.load_public_key(public)) == signing.key_id(key)
+        except StoreError:
+            matches = False
+        if not matches:
+            # The public key is derived data (e.g. its volume outlived the secrets volume, or
+            # was changed): derive it again from the private key, which is never replaced.
+            public.unlink(missing_ok=True)
+            signing.ensure_key_pair(private, public)
+    except StoreError as problem:  # names the file, never its contents
+        raise SecretError(f"MODEL_SIGNING_KEY_FILE: {problem}; move it away and a new key "
+                          "pair is made (models signed with the old key are then refused)"
+                          ) from None
+    airflow_uid = int(env.get("AIRFLOW_UID") or 50000)
+    if os.geteuid() == 0:
+        os.chown(private, airflow_uid, 0)
+        os.chown(public, 0, 0)
+    private.chmod(0o600)
+    public.chmod(0o644)
+    public.parent.chmod(0o755)  # the service reads it as its own user
+    return created, signing.key_id(key)
 
 
 def read(folder: Path, filename: str) -> str:

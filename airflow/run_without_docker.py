@@ -20,7 +20,9 @@ process or its whole group, stops everything and leaves nothing running.
 Optional environment: ``AIRFLOW_CONN_MYSQL_AIRFLOW_CONN``, ``AIRFLOW_HOME`` (``airflow/home``),
 ``PENGUINS_HOST`` (127.0.0.1), ``AIRFLOW_API_PORT`` (8080), ``SERVING_PORT`` (8989),
 ``PENGUINS_MYSQL_PORT`` (3307, the embedded MariaDB), ``AIRFLOW_PARALLELISM`` (4), ``MODELS_DIR``,
-``MODEL_SIGNING_KEY``.
+``MODEL_SIGNING_KEY_FILE`` and ``MODEL_PUBLIC_KEY_FILE`` (the model signing key pair, made on the
+first start in ``<AIRFLOW_HOME>/model-signing/``; the prediction service is given only the public
+key's path).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ from urllib.request import urlopen
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION_VARIABLE = "AIRFLOW_CONN_MYSQL_AIRFLOW_CONN"
+PRIVATE_KEY_ENV, PUBLIC_KEY_ENV = "MODEL_SIGNING_KEY_FILE", "MODEL_PUBLIC_KEY_FILE"
+"""The model signing key pair's files (``serving.store.signing``, imported only once the
+environment is set up)."""
 DATABASE = "penguins"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_NEEDED_MODULES = ("airflow", "MySQLdb", "uvicorn", "litestar")
+_NEEDED_MODULES = ("airflow", "MySQLdb", "uvicorn", "litestar", "cryptography")
 
 
 class StartError(Exception):
@@ -93,13 +98,16 @@ class Component:
     name: str
     argv: list[str]
     log: Path
+    hidden: tuple[str, ...] = ()
+    """Variables of the system's environment this program is not given."""
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                self.argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+                self.argv, env={k: v for k, v in env.items() if k not in self.hidden},
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
                 # A background job of a non-interactive shell starts with SIGINT ignored, and
                 # children would inherit that.
@@ -118,7 +126,7 @@ class Component:
 def main() -> None:
     if not all(importlib.util.find_spec(name) for name in _NEEDED_MODULES):
         _set_up_and_restart()
-    sys.path.insert(0, str(REPO / "airflow" / "dags"))
+    sys.path[:0] = [str(REPO), str(REPO / "airflow" / "dags")]
     requests = StopRequests()
     requests.install()
     host = os.environ.get("PENGUINS_HOST") or "127.0.0.1"
@@ -144,6 +152,7 @@ def main() -> None:
                                  api_port=port["AIRFLOW_API_PORT"])
         env.update(SERVING_HOST=host, SERVING_PORT=str(port["SERVING_PORT"]))
         Path(env["MODELS_DIR"]).mkdir(parents=True, exist_ok=True)
+        _ensure_signing_keys(env)
         logs = home / "launcher-logs"
         _run_to_end(Component("airflow db migrate", _airflow("db", "migrate"),
                               logs / "db-migrate.log"), env, requests)
@@ -158,7 +167,7 @@ def main() -> None:
             Component("triggerer", _airflow("triggerer", "--skip-serve-logs"),
                       logs / "triggerer.log"),
             Component("prediction service", [sys.executable, "-m", "serving"],
-                      logs / "serving.log"),
+                      logs / "serving.log", hidden=(PRIVATE_KEY_ENV,)),
         ]
         for component in components:
             requests.check()
@@ -209,9 +218,14 @@ def system_environment(environ: dict[str, str], *, home: Path, host: str, connec
         AIRFLOW__CORE__PARALLELISM=env.get("AIRFLOW_PARALLELISM", "4"),
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://{local}:{api_port}/execution/",
         MODELS_DIR=env.get("MODELS_DIR") or str(REPO / "shared_models"),
+        # Airflow's task processes import the store's format from the service's package.
+        PYTHONPATH=os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH")] if p),
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
     env[CONNECTION_VARIABLE] = connection
+    keys = home / "model-signing"
+    env.setdefault(PRIVATE_KEY_ENV, str(keys / "private.pem"))
+    env.setdefault(PUBLIC_KEY_ENV, str(keys / "public.pem"))
     env.setdefault("AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers.simple."
                    "simple_auth_manager.SimpleAuthManager")
     # Every component must verify the Execution API's tokens with the same secret, and sign
@@ -219,6 +233,17 @@ def system_environment(environ: dict[str, str], *, home: Path, host: str, connec
     env.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(32))
     env.setdefault("AIRFLOW__API__SECRET_KEY", secrets.token_hex(32))
     return env
+
+
+def _ensure_signing_keys(env: dict[str, str]) -> None:
+    """The model signing key pair, made on the first start: the pipeline signs with the private
+    key (0600), the service verifies with the public one."""
+    from serving.store.signing import ensure_key_pair, key_id, load_public_key
+
+    private, public = Path(env[PRIVATE_KEY_ENV]), Path(env[PUBLIC_KEY_ENV])
+    if ensure_key_pair(private, public):
+        print(f"created the model signing key pair {key_id(load_public_key(public))} in "
+              f"{_shown(private.parent)}", flush=True)
 
 
 def ensure_database(url: str) -> None:

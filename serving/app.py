@@ -23,10 +23,14 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import routes
+from serving.loader import Limits, Loader
 from serving.metrics import Metrics
 from serving.registry import ModelRegistry
 from serving.schemas import REQUEST_SCHEMAS
 from serving.settings import Settings
+from serving.store import signing
+from serving.store.layout import StoreError
+from serving.store.reader import Trust
 from serving.validation import StrictRequest, decode_body_strictly
 
 log = logging.getLogger(__name__)
@@ -37,21 +41,23 @@ SWAGGER_UI_VERSION = "5.35.0"
 
 API_DESCRIPTION = """\
 Classifies Palmer penguins with the models the Airflow pipeline publishes into `MODELS_DIR`.
-New, replaced and removed models are picked up within a second, without a restart.
-`POST /predict` uses the best model; `POST /predict/{model_name}` a given one."""
+Each model answers with its promoted version, picked up within a second of a promotion or a
+rollback, without a restart. `POST /predict` uses the best model; `POST /predict/{model_name}`
+a given one, and `?version=` a given kept version of it."""
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     """The service for ``settings`` (by default read from the environment)."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
-    registry = ModelRegistry(settings.models_dir, settings.signing_key, metrics,
-                             compile_models=settings.fast_predictors)
+    registry = _registry(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        # Load what is already published before answering, so /ready is right from the start.
+        # Load the promoted versions before answering, so /ready is right from the start.
         await anyio.to_thread.run_sync(registry.refresh)
+        await anyio.to_thread.run_sync(registry.wait_for_promoted,
+                                       settings.loader_timeout_seconds)
         registry.start(settings.reload_interval_seconds)
         try:
             yield
@@ -61,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[
             routes.health, routes.ready, routes.metrics, routes.list_models, routes.get_model,
+            routes.list_versions,
             routes.predict_best, routes.predict, *routes.batch_routes(settings.max_batch_rows),
             create_static_files_router(
                 path="/static", directories=[STATIC_DIR], include_in_schema=False
@@ -89,6 +96,28 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     _document_refused_fields(app)
     return app
+
+
+def _registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
+    """The registry of the store, trusting what the public key verifies."""
+    problem = None
+    try:
+        public_key = signing.load_public_key(settings.public_key_file)
+    except StoreError as exc:
+        public_key = None
+        if not settings.allow_unsigned:
+            problem = f"no model is served: {exc}"
+            log.error("%s", problem)
+    if settings.allow_unsigned:
+        log.warning("SERVING_ALLOW_UNSIGNED=1: serving UNSIGNED models too. Anyone who can "
+                    "write to %s can choose what this service answers. For development only.",
+                    settings.models_dir)
+    loader = Loader(Limits(memory_bytes=settings.loader_memory_mb * 1024**2,
+                           cpu_seconds=settings.loader_cpu_seconds,
+                           wall_seconds=settings.loader_timeout_seconds))
+    return ModelRegistry(settings.models_dir, Trust(public_key, settings.allow_unsigned), loader,
+                         keep=settings.model_history, max_pickle_bytes=settings.max_model_bytes,
+                         metrics=metrics, problem=problem)
 
 
 def _document_refused_fields(app: Litestar) -> None:

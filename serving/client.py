@@ -68,19 +68,24 @@ class PenguinsClient:
     def model(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/models/{quote(name, safe='')}")
 
+    def versions(self, name: str) -> dict[str, Any]:
+        """Every kept version of ``name``, newest first, with its state and metrics."""
+        return self._call("GET", f"/models/{quote(name, safe='')}/versions")
+
     def predict(self, penguin: Mapping[str, Any] | None = None, *, model: str | None = None,
-                **features: Any) -> dict[str, Any]:
+                version: str | None = None, **features: Any) -> dict[str, Any]:
         """The species of one penguin, given as a mapping or as keyword arguments.
 
-        ``model`` names the model; by default the service's best one answers.
+        ``model`` names the model (by default the service's best one answers), and ``version``
+        one of its kept versions (by default its promoted one).
         """
         body = {**(penguin or {}), **features}
-        return self._call("POST", "/predict" + _model_path(model), body)
+        return self._call("POST", "/predict" + _model_path(model, version), body)
 
     def predict_batch(self, penguins: Sequence[Mapping[str, Any]], *,
-                      model: str | None = None) -> dict[str, Any]:
+                      model: str | None = None, version: str | None = None) -> dict[str, Any]:
         """One prediction per penguin, in order (up to the service's MAX_BATCH_ROWS)."""
-        return self._call("POST", "/predict-batch" + _model_path(model),
+        return self._call("POST", "/predict-batch" + _model_path(model, version),
                           {"penguins": list(penguins)})
 
     def metrics(self) -> str:
@@ -105,8 +110,11 @@ class PenguinsClient:
         return response.json()
 
 
-def _model_path(model: str | None) -> str:
-    return f"/{quote(model, safe='')}" if model else ""
+def _model_path(model: str | None, version: str | None = None) -> str:
+    if version is not None and not model:
+        raise ValueError("a version is one of a model's: name the model too")
+    path = f"/{quote(model, safe='')}" if model else ""
+    return f"{path}?version={quote(version, safe='')}" if version else path
 
 
 def _raise_for_error(response: requests.Response) -> None:

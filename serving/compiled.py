@@ -1,9 +1,8 @@
-"""Compiled predictors: a fitted pipeline's arithmetic, rebuilt on NumPy arrays at load time.
+"""Compiled predictors: a fitted pipeline's arithmetic, rebuilt on NumPy arrays from plain data.
 
 Calling a fitted scikit-learn pipeline on one row costs milliseconds, nearly all of it in the
-pandas ``ColumnTransformer`` and in input validation, not in the model. ``CompiledPredictor``
-reads the learnt parameters out of the pipeline once and redoes the same arithmetic, in the same
-order, on plain arrays:
+pandas ``ColumnTransformer`` and in input validation, not in the model. A compiled predictor
+redoes the same arithmetic, in the same order, on plain arrays:
 
 - preprocessing: every ``StandardScaler`` column is one affine step (``(x - mean_) / scale_``)
   and every ``OneHotEncoder`` value one slot of the feature vector;
@@ -18,9 +17,20 @@ order, on plain arrays:
   sigmoid per class, normalised;
 - ``KNeighborsClassifier`` (uniform weights, Euclidean): distances to every training row.
 
-Anything else raises ``NotCompilable``. None of this is trusted on its own: ``predictors`` serves
-a compiled predictor only after it has matched the pipeline's own ``predict`` and
-``predict_proba`` on a set of check rows (``check_rows``).
+It is built in two phases, in two processes, because unpickling a model runs whatever code the
+pickle names: only a worker process, with limited resources, ever unpickles.
+
+- In the worker, ``export_spec`` reads the learnt parameters out of the fitted pipeline (or
+  raises ``NotCompilable``) into a spec: plain data only (``serving.plain_data`` carries it
+  across), with what the serving side would otherwise discover worked out (a tree's depth).
+- In the serving process, ``CompiledPredictor.from_spec`` builds the predictor from that spec
+  alone, with NumPy: no scikit-learn, no XGBoost. The worker may have been subverted, so the spec
+  is checked first (``serving.compiled_spec``): a spec that passes cannot index out of range or
+  loop longer than its own size allows.
+
+None of this is trusted on its own: a compiled predictor is served only after it has matched the
+pipeline's own ``predict`` and ``predict_proba`` on a set of check rows (``check_rows``,
+``predictors.compile_checked``).
 """
 
 from __future__ import annotations
@@ -36,58 +46,225 @@ from typing import Any
 
 import numpy as np
 
+from serving import compiled_spec, plain_data
+from serving.compiled_spec import NotCompilable
 from serving.contract import ISLANDS, PLAUSIBLE_RANGES, SEXES
 
 Row = Mapping[str, Any]
 """One penguin: a value for each of ``contract.FEATURES``."""
 Answer = tuple[np.ndarray, np.ndarray]
 """Class codes, shape ``(n,)``, and class probabilities, shape ``(n, classes)``."""
+Spec = dict[str, Any]
+"""A compiled predictor as plain data: what ``export_spec`` gives, ``from_spec`` takes."""
 
 
-class NotCompilable(Exception):
-    """This pipeline has no compiled path; the message says which part and why."""
+# --- In the worker: the fitted pipeline's parameters, as plain data ---------------------------
+
+
+def export_spec(pipeline: Any, n_classes: int) -> Spec:
+    """The spec of ``pipeline``'s compiled predictor; NotCompilable if it has none.
+
+    ``{"kind": the estimator's class name, "n_classes": ..., "features": ..., "estimator": ...}``
+    (``compiled_spec`` describes every part). Imports scikit-learn, so it runs in the worker.
+    """
+    from sklearn.pipeline import Pipeline
+
+    if not (isinstance(pipeline, Pipeline) and len(pipeline.steps) == 2):
+        raise NotCompilable(f"the model is a {_name(pipeline)}, not a two-step Pipeline "
+                            "(preprocessing, estimator)")
+    (_, preprocess), (_, estimator) = pipeline.steps
+    features = _export_features(preprocess)
+    classes = getattr(estimator, "classes_", None)
+    if classes is None or list(classes) != list(range(n_classes)):
+        raise NotCompilable(f"the estimator's classes are not the codes 0 to {n_classes - 1}")
+    kind = type(estimator)
+    export_estimator = _EXPORTERS.get((kind.__module__.partition(".")[0], kind.__name__))
+    if export_estimator is None:
+        raise NotCompilable(f"no compiled path for a {_name(estimator)}")
+    return {"kind": kind.__name__, "n_classes": int(n_classes), "features": features,
+            "estimator": export_estimator(estimator, n_classes)}
+
+
+def _export_features(transformer: Any) -> dict[str, Any]:
+    """A dense ``ColumnTransformer`` of ``StandardScaler``s and plain ``OneHotEncoder``s: each
+    scaled column's slot, mean and scale, each encoded column's categories and first slot."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    if not isinstance(transformer, ColumnTransformer) or transformer.sparse_output_:
+        raise NotCompilable(f"the preprocessing is a {_name(transformer)}, not a dense "
+                            "ColumnTransformer")
+    numeric: list[dict[str, Any]] = []
+    categorical: list[dict[str, Any]] = []
+    for name, step, columns in transformer.transformers_:
+        if step == "drop":
+            continue
+        if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+            raise NotCompilable(f"transformer {name!r} selects columns {columns!r}, not names")
+        start = transformer.output_indices_[name].start
+        if type(step) is StandardScaler:
+            # Subtracting 0 and dividing by 1 are exact: a scaler without mean or std fits.
+            mean = step.mean_ if step.with_mean else np.zeros(len(columns))
+            scale = step.scale_ if step.with_std else np.ones(len(columns))
+            numeric += [{"column": column, "slot": start + i, "mean": float(m), "scale": float(s)}
+                        for i, (column, m, s) in enumerate(zip(columns, mean, scale, strict=True))]
+        elif type(step) is OneHotEncoder and _plain_one_hot(step):
+            for column, categories in zip(columns, step.categories_, strict=True):
+                categorical.append({"column": column, "categories": [str(c) for c in categories],
+                                    "start": start,
+                                    "ignore_unknown": step.handle_unknown == "ignore"})
+                start += len(categories)
+        else:
+            raise NotCompilable(f"transformer {name!r} is a {_name(step)}; only "
+                                "StandardScaler and plain OneHotEncoder are compiled")
+    width = max(s.stop for s in transformer.output_indices_.values())
+    return {"width": int(width), "numeric": numeric, "categorical": categorical}
+
+
+def _plain_one_hot(encoder: Any) -> bool:
+    """No dropped or grouped categories, dense output, string categories."""
+    return (encoder.drop_idx_ is None and encoder.max_categories is None
+            and encoder.min_frequency is None and not encoder.sparse_output
+            and all(isinstance(v, str) for c in encoder.categories_ for v in c))
+
+
+def _export_logistic_regression(model: Any, n_classes: int) -> dict[str, Any]:
+    if n_classes < 3 or model.coef_.shape != (n_classes, model.n_features_in_):
+        raise NotCompilable("only a multinomial LogisticRegression (3 classes or more) is compiled")
+    return {"coef": np.asarray(model.coef_, dtype=np.float64),
+            "intercept": np.asarray(model.intercept_, dtype=np.float64)}
+
+
+def _export_trees(left: list[np.ndarray], right: list[np.ndarray], feature: list[np.ndarray],
+                  threshold: list[np.ndarray]) -> dict[str, Any]:
+    """Trees whose leaves have negative children, as one set of arrays that ``_Trees`` walks:
+    node indices counted across all trees, a leaf's children (and feature, unused) itself (0)."""
+    starts = np.cumsum([0, *(len(nodes) for nodes in left)])
+    offsets = np.repeat(starts[:-1], np.diff(starts))
+    left_all, right_all = np.concatenate(left), np.concatenate(right)
+    leaf = left_all < 0
+    node = np.arange(starts[-1])
+    trees = {
+        "feature": np.where(leaf, 0, np.concatenate(feature)).astype(np.int64),
+        "threshold": np.concatenate(threshold),
+        "left": np.where(leaf, node, left_all + offsets).astype(np.int64),
+        "right": np.where(leaf, node, right_all + offsets).astype(np.int64),
+        "roots": starts[:-1].astype(np.int64),
+    }
+    # Checked as the serving side checks it: a broken tree is refused here, not walked forever.
+    trees["depth"] = compiled_spec.forest_depth(trees["left"], trees["right"], trees["roots"])
+    return trees
+
+
+def _export_random_forest(model: Any, n_classes: int) -> dict[str, Any]:
+    trees = [tree.tree_ for tree in model.estimators_]
+    if model.n_outputs_ != 1 or any(t.value.shape[1:] != (1, n_classes) for t in trees):
+        raise NotCompilable("only a single-output forest is compiled")
+    # DecisionTreeClassifier: left when x <= threshold; a leaf's value is its class fractions.
+    return {"trees": _export_trees([t.children_left for t in trees],
+                                   [t.children_right for t in trees],
+                                   [t.feature for t in trees],
+                                   [t.threshold.astype(np.float64) for t in trees]),
+            "value": np.concatenate([t.value[:, 0, :] for t in trees]).astype(np.float64)}
+
+
+def _export_calibrated_svm(model: Any, n_classes: int) -> dict[str, Any]:
+    from sklearn.svm import SVC
+
+    if len(model.calibrated_classifiers_) != 1 or model.method != "sigmoid":
+        raise NotCompilable("only CalibratedClassifierCV(ensemble=False, method='sigmoid') "
+                            "is compiled")
+    calibrated = model.calibrated_classifiers_[0]
+    svc = calibrated.estimator
+    if not (type(svc) is SVC and svc.kernel == "rbf" and not svc._sparse
+            and svc.decision_function_shape == "ovr" and n_classes >= 3
+            and list(calibrated.classes) == list(range(n_classes))
+            and list(svc.classes_) == list(range(n_classes))):
+        raise NotCompilable("only a dense RBF SVC over 3 classes or more, with 'ovr' decisions, "
+                            "is compiled inside CalibratedClassifierCV")
+    vectors = np.asarray(svc.support_vectors_, dtype=np.float64)
+    # libsvm's one-vs-one decision for the pair (i, j): the support vectors of class i weighted
+    # by row j - 1 of the dual coefficients, those of class j by row i, minus rho (-intercept).
+    starts = np.cumsum([0, *svc._n_support])
+    pairs = list(itertools.combinations(range(n_classes), 2))
+    weights = np.zeros((len(pairs), len(vectors)))
+    for p, (i, j) in enumerate(pairs):
+        weights[p, starts[i]:starts[i + 1]] = svc._dual_coef_[j - 1, starts[i]:starts[i + 1]]
+        weights[p, starts[j]:starts[j + 1]] = svc._dual_coef_[i, starts[j]:starts[j + 1]]
+    return {"vectors": vectors, "gamma": float(svc._gamma), "weights": weights,
+            "intercept": np.asarray(svc._intercept_, dtype=np.float64),
+            "slopes": [float(c.a_) for c in calibrated.calibrators],
+            "offsets": [float(c.b_) for c in calibrated.calibrators]}
+
+
+def _export_k_neighbours(model: Any, n_classes: int) -> dict[str, Any]:
+    if not (model.weights == "uniform" and model.effective_metric_ == "euclidean"
+            and not model.outputs_2d_ and isinstance(model._fit_X, np.ndarray)):
+        raise NotCompilable("only uniform weights and the Euclidean metric are compiled "
+                            "for KNeighborsClassifier")
+    return {"train": np.asarray(model._fit_X, dtype=np.float64),
+            "labels": np.asarray(model._y, dtype=np.int64), "k": int(model.n_neighbors)}
+
+
+def _export_xgboost(model: Any, n_classes: int) -> dict[str, Any]:
+    # The booster's own inplace_predict costs ~0.3 ms per call whatever the rows, so the trees
+    # are read from its JSON model and walked here, in XGBoost's float32 arithmetic.
+    if getattr(model, "best_iteration", None) is not None:
+        raise NotCompilable("an early-stopped XGBoost model is not compiled")
+    saved = json.loads(model.get_booster().save_raw("json"))["learner"]
+    booster, objective = saved["gradient_booster"], saved["objective"]["name"]
+    if objective != "multi:softprob" or booster["name"] != "gbtree" or n_classes < 3:
+        raise NotCompilable(f"only a gbtree booster with the multi:softprob objective is "
+                            f"compiled for XGBoost, not {booster['name']} with {objective}")
+    trees = booster["model"]["trees"]
+    if len(trees) % n_classes or booster["model"]["tree_info"] != [
+            t % n_classes for t in range(len(trees))] or any(
+            any(tree["split_type"]) or tree["categories"] for tree in trees):
+        raise NotCompilable("only one numeric tree per class and round is compiled for XGBoost")
+    # The base score (per class, in margin space) goes first, as one single-leaf tree per class,
+    # so that summing the leaves in tree order adds them up as XGBoost does: base, then each tree.
+    base = json.loads(saved["learner_model_param"]["base_score"])
+    bases = [{"left_children": [-1], "right_children": [-1], "split_indices": [0],
+              "split_conditions": [score]} for score in np.broadcast_to(base, n_classes)]
+    trees = bases + trees
+    # A leaf's split_condition is its value.
+    conditions = [np.array(t["split_conditions"], dtype=np.float32) for t in trees]
+    return {"trees": _export_trees([np.array(t["left_children"]) for t in trees],
+                                   [np.array(t["right_children"]) for t in trees],
+                                   [np.array(t["split_indices"]) for t in trees], conditions),
+            "value": np.concatenate(conditions)}
+
+
+_EXPORTERS: dict[tuple[str, str], Callable[[Any, int], dict[str, Any]]] = {
+    ("sklearn", "LogisticRegression"): _export_logistic_regression,
+    ("sklearn", "RandomForestClassifier"): _export_random_forest,
+    ("sklearn", "CalibratedClassifierCV"): _export_calibrated_svm,
+    ("sklearn", "KNeighborsClassifier"): _export_k_neighbours,
+    ("xgboost", "XGBClassifier"): _export_xgboost,
+}
+"""(package, estimator class) -> its spec's ``estimator`` part. The exact class: a subclass is
+not assumed to compute the same thing (and importing xgboost to ask would cost half a second)."""
+
+
+# --- In the serving process: the predictor, from the spec alone ------------------------------
 
 
 class Features:
-    """A fitted ``ColumnTransformer`` of ``StandardScaler``s and ``OneHotEncoder``s, as arithmetic.
+    """The preprocessing, as arithmetic: ``matrix(rows)`` gives, as float64, what the fitted
+    ``ColumnTransformer``'s ``transform`` gives for a DataFrame of the same rows."""
 
-    ``matrix(rows)`` gives, as float64, what the transformer's ``transform`` gives for a
-    DataFrame of the same rows.
-    """
-
-    def __init__(self, transformer: Any) -> None:
-        from sklearn.compose import ColumnTransformer
-        from sklearn.preprocessing import OneHotEncoder, StandardScaler
-
-        if not isinstance(transformer, ColumnTransformer) or transformer.sparse_output_:
-            raise NotCompilable(f"the preprocessing is a {_name(transformer)}, not a dense "
-                                "ColumnTransformer")
-        self._numeric: list[tuple[str, int, float, float]] = []
-        self._categorical: list[tuple[str, dict[str, int], bool]] = []
-        for name, step, columns in transformer.transformers_:
-            if step == "drop":
-                continue
-            if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
-                raise NotCompilable(f"transformer {name!r} selects columns {columns!r}, not names")
-            start = transformer.output_indices_[name].start
-            if type(step) is StandardScaler:
-                # Subtracting 0 and dividing by 1 are exact: a scaler without mean or std fits.
-                mean = step.mean_ if step.with_mean else np.zeros(len(columns))
-                scale = step.scale_ if step.with_std else np.ones(len(columns))
-                self._numeric += zip(columns, range(start, start + len(columns)),
-                                     map(float, mean), map(float, scale), strict=True)
-            elif type(step) is OneHotEncoder and _plain_one_hot(step):
-                for column, categories in zip(columns, step.categories_, strict=True):
-                    slots = {value: start + i for i, value in enumerate(categories)}
-                    self._categorical.append((column, slots, step.handle_unknown == "ignore"))
-                    start += len(categories)
-            else:
-                raise NotCompilable(f"transformer {name!r} is a {_name(step)}; only "
-                                    "StandardScaler and plain OneHotEncoder are compiled")
-        self._width = max(s.stop for s in transformer.output_indices_.values())
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        """``spec``: a spec's ``features`` part, as ``compiled_spec.validate`` passed it."""
+        self._width: int = spec["width"]
+        self._numeric = [(n["column"], n["slot"], n["mean"], n["scale"]) for n in spec["numeric"]]
+        self._categorical = [
+            (c["column"], {value: c["start"] + i for i, value in enumerate(c["categories"])},
+             c["ignore_unknown"])
+            for c in spec["categorical"]
+        ]
         self.learnt = {column: (mean, scale) for column, _, mean, scale in self._numeric}
         """Each scaled column's mean and scale, as learnt from the training data."""
-        self._numeric_values = itemgetter(*self.learnt)
+        self._numeric_values = itemgetter(*self.learnt) if self.learnt else None
         self._numeric_slots = np.array([slot for _, slot, _, _ in self._numeric], dtype=np.intp)
         self._means = np.array([mean for _, _, mean, _ in self._numeric])
         self._scales = np.array([scale for _, _, _, scale in self._numeric])
@@ -96,10 +273,11 @@ class Features:
         if len(rows) == 1:  # The common case: a few microseconds in plain Python.
             return np.array([self._vector(rows[0])], dtype=np.float64)
         features = np.zeros((len(rows), self._width))
-        values = np.array(list(map(self._numeric_values, rows)), dtype=np.float64)
-        values -= self._means
-        values /= self._scales
-        features[:, self._numeric_slots] = values.reshape(len(rows), -1)
+        if self._numeric_values is not None:
+            values = np.array(list(map(self._numeric_values, rows)), dtype=np.float64)
+            values -= self._means
+            values /= self._scales
+            features[:, self._numeric_slots] = values.reshape(len(rows), -1)
         for column, slots, ignore_unknown in self._categorical:
             found = np.fromiter((slots.get(value, -1) for value in map(itemgetter(column), rows)),
                                 dtype=np.intp, count=len(rows))
@@ -125,47 +303,47 @@ class Features:
         return vector
 
 
-def _plain_one_hot(encoder: Any) -> bool:
-    """No dropped or grouped categories, dense output, string categories."""
-    return (encoder.drop_idx_ is None and encoder.max_categories is None
-            and encoder.min_frequency is None and not encoder.sparse_output
-            and all(isinstance(v, str) for c in encoder.categories_ for v in c))
-
-
 class CompiledPredictor:
     """A ``Predictor`` that computes what the pipeline computes, without pandas or validation."""
 
     fast = True
 
-    def __init__(self, pipeline: Any, n_classes: int) -> None:
-        from sklearn.pipeline import Pipeline
+    def __init__(self, kind: str, n_classes: int, features: Features,
+                 estimate: Callable[[np.ndarray], Answer]) -> None:
+        """Use ``from_spec``: this trusts its arguments."""
+        self.kind = kind
+        self.n_classes = n_classes
+        self.features = features
+        self._estimate = estimate
 
-        if not (isinstance(pipeline, Pipeline) and len(pipeline.steps) == 2):
-            raise NotCompilable(f"the model is a {_name(pipeline)}, not a two-step Pipeline "
-                                "(preprocessing, estimator)")
-        (_, preprocess), (_, estimator) = pipeline.steps
-        self.features = Features(preprocess)
-        classes = getattr(estimator, "classes_", None)
-        if classes is None or list(classes) != list(range(n_classes)):
-            raise NotCompilable(f"the estimator's classes are not the codes 0 to {n_classes - 1}")
-        kind = type(estimator)
-        compile_estimator = _COMPILERS.get((kind.__module__.partition(".")[0], kind.__name__))
-        if compile_estimator is None:
-            raise NotCompilable(f"no compiled path for a {_name(estimator)}")
-        self.kind = kind.__name__
-        self._estimate = compile_estimator(estimator, n_classes)
+    @classmethod
+    def from_spec(cls, spec: Any, *, n_classes: int | None = None) -> CompiledPredictor:
+        """The predictor ``spec`` describes (for ``n_classes`` classes, if given); NotCompilable
+        if ``spec`` is not a sound one. NumPy only: the serving process's way to build one."""
+        checked = compiled_spec.validate(spec, n_classes)
+        kind, classes = checked["kind"], checked["n_classes"]
+        return cls(kind, classes, Features(checked["features"]),
+                   _BUILDERS[kind](checked["estimator"], classes))
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, n_classes: int) -> CompiledPredictor:
+        """The predictor the serving process would build from ``pipeline``'s spec, once sent
+        as bytes. Imports scikit-learn: for the worker, and tests."""
+        data = plain_data.encode(export_spec(pipeline, n_classes))
+        return cls.from_spec(plain_data.decode(data, max_bytes=len(data)), n_classes=n_classes)
 
     def predict(self, rows: Sequence[Row]) -> Answer:
         return self._estimate(self.features.matrix(rows))
 
 
-def _logistic_regression(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    if n_classes < 3 or model.coef_.shape != (n_classes, model.n_features_in_):
-        raise NotCompilable("only a multinomial LogisticRegression (3 classes or more) is compiled")
-    coef, intercept = model.coef_, model.intercept_
+def _logistic_regression(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+    # coef_.T in the layout scikit-learn's fitted coef_ has (a transposed view, so this is
+    # C-ordered): BLAS adds in an order that depends on the layout, and this is the one that
+    # gives the pipeline's scores to the last bit.
+    coef_t, intercept = np.ascontiguousarray(spec["coef"].T), spec["intercept"]
 
     def estimate(x: np.ndarray) -> Answer:
-        scores = x @ coef.T + intercept
+        scores = x @ coef_t + intercept
         codes = scores.argmax(axis=1)
         # sklearn.utils.extmath.softmax, step by step.
         scores -= scores.max(axis=1, keepdims=True)
@@ -187,26 +365,16 @@ class _Trees:
     ROWS_AT_ONCE = 64
     """Rows per block of a batch: a block's tests (rows x nodes) stay a few megabytes."""
 
-    def __init__(self, left: list[np.ndarray], right: list[np.ndarray],
-                 feature: list[np.ndarray], threshold: list[np.ndarray], *,
-                 equal_goes_right: bool) -> None:
-        starts = np.cumsum([0, *(len(nodes) for nodes in left)])
-        offsets = np.repeat(starts[:-1], np.diff(starts))
-        left_all, right_all = np.concatenate(left), np.concatenate(right)
-        leaf = left_all < 0
-        node = np.arange(starts[-1])
-        self._feature = np.where(leaf, 0, np.concatenate(feature)).astype(np.intp)
-        self._threshold = np.concatenate(threshold)
-        self._left = np.where(leaf, node, left_all + offsets).astype(np.intp)
-        self._right = np.where(leaf, node, right_all + offsets).astype(np.intp)
-        self._roots = starts[:-1].astype(np.intp)
+    def __init__(self, trees: Spec, *, equal_goes_right: bool) -> None:
+        """``trees``: a spec's ``estimator.trees``, as ``compiled_spec.validate`` passed it (so
+        ``depth`` steps take every root to its leaf)."""
+        self._feature = trees["feature"].astype(np.intp)
+        self._threshold = trees["threshold"]
+        self._left = trees["left"].astype(np.intp)
+        self._right = trees["right"].astype(np.intp)
+        self._roots = trees["roots"].astype(np.intp)
+        self._depth: int = trees["depth"]
         self._equal_goes_right = equal_goes_right
-        self._depth = 0
-        level = self._roots
-        while not leaf[level].all():
-            inner = level[~leaf[level]]
-            level = np.concatenate([self._left[inner], self._right[inner]])
-            self._depth += 1
 
     def leaves(self, x: np.ndarray) -> np.ndarray:
         """The leaf each tree puts each row of ``x`` on, shape ``(rows, trees)``."""
@@ -236,51 +404,23 @@ class _Trees:
         return at - first
 
 
-def _random_forest(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    trees = [tree.tree_ for tree in model.estimators_]
-    if model.n_outputs_ != 1 or any(t.value.shape[1:] != (1, n_classes) for t in trees):
-        raise NotCompilable("only a single-output forest is compiled")
-    # DecisionTreeClassifier: left when x <= threshold; a leaf's value is its class fractions.
-    walk = _Trees([t.children_left for t in trees], [t.children_right for t in trees],
-                  [t.feature for t in trees], [t.threshold for t in trees],
-                  equal_goes_right=False)
-    value = np.concatenate([t.value[:, 0, :] for t in trees])
+def _random_forest(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+    walk = _Trees(spec["trees"], equal_goes_right=False)
+    value, n_trees = spec["value"], len(spec["trees"]["roots"])
 
     def estimate(x: np.ndarray) -> Answer:
         # RandomForestClassifier.predict_proba: the sum of the trees' fractions, then / trees.
         probabilities = value[walk.leaves(x)].sum(axis=1)
-        probabilities /= len(trees)
+        probabilities /= n_trees
         return probabilities.argmax(axis=1), probabilities
 
     return estimate
 
 
-def _calibrated_svm(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    from sklearn.svm import SVC
-
-    if len(model.calibrated_classifiers_) != 1 or model.method != "sigmoid":
-        raise NotCompilable("only CalibratedClassifierCV(ensemble=False, method='sigmoid') "
-                            "is compiled")
-    calibrated = model.calibrated_classifiers_[0]
-    svc = calibrated.estimator
-    if not (type(svc) is SVC and svc.kernel == "rbf" and not svc._sparse
-            and svc.decision_function_shape == "ovr" and n_classes >= 3
-            and list(calibrated.classes) == list(range(n_classes))
-            and list(svc.classes_) == list(range(n_classes))):
-        raise NotCompilable("only a dense RBF SVC over 3 classes or more, with 'ovr' decisions, "
-                            "is compiled inside CalibratedClassifierCV")
-    vectors, gamma = svc.support_vectors_, svc._gamma
-    # libsvm's one-vs-one decision for the pair (i, j): the support vectors of class i weighted
-    # by row j - 1 of the dual coefficients, those of class j by row i, minus rho (-intercept).
-    starts = np.cumsum([0, *svc._n_support])
-    pairs = list(itertools.combinations(range(n_classes), 2))
-    weights = np.zeros((len(pairs), len(vectors)))
-    for p, (i, j) in enumerate(pairs):
-        weights[p, starts[i]:starts[i + 1]] = svc._dual_coef_[j - 1, starts[i]:starts[i + 1]]
-        weights[p, starts[j]:starts[j + 1]] = svc._dual_coef_[i, starts[j]:starts[j + 1]]
-    intercept = svc._intercept_
-    slopes = [float(c.a_) for c in calibrated.calibrators]
-    offsets = [float(c.b_) for c in calibrated.calibrators]
+def _calibrated_svm(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+    vectors, gamma, weights = spec["vectors"], spec["gamma"], spec["weights"]
+    intercept, slopes, offsets = spec["intercept"], spec["slopes"], spec["offsets"]
+    pairs = list(itertools.combinations(range(n_classes), 2))  # The rows of the weights.
     uniform = [1 / n_classes] * n_classes
 
     def finish(ovo: list[float]) -> list[float]:
@@ -308,12 +448,8 @@ def _calibrated_svm(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer
     return estimate
 
 
-def _k_neighbours(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    if not (model.weights == "uniform" and model.effective_metric_ == "euclidean"
-            and not model.outputs_2d_ and isinstance(model._fit_X, np.ndarray)):
-        raise NotCompilable("only uniform weights and the Euclidean metric are compiled "
-                            "for KNeighborsClassifier")
-    train, labels, k = model._fit_X, model._y, model.n_neighbors
+def _k_neighbours(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+    train, labels, k = spec["train"], spec["labels"], spec["k"]
 
     def finish(neighbours: list[int]) -> list[float]:
         counts = [0] * n_classes
@@ -331,34 +467,11 @@ def _k_neighbours(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
     return estimate
 
 
-def _xgboost(model: Any, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    # The booster's own inplace_predict costs ~0.3 ms per call whatever the rows, so the trees
-    # are read from its JSON model and walked here, in XGBoost's float32 arithmetic.
-    if getattr(model, "best_iteration", None) is not None:
-        raise NotCompilable("an early-stopped XGBoost model is not compiled")
-    saved = json.loads(model.get_booster().save_raw("json"))["learner"]
-    booster, objective = saved["gradient_booster"], saved["objective"]["name"]
-    if objective != "multi:softprob" or booster["name"] != "gbtree" or n_classes < 3:
-        raise NotCompilable(f"only a gbtree booster with the multi:softprob objective is "
-                            f"compiled for XGBoost, not {booster['name']} with {objective}")
-    trees = booster["model"]["trees"]
-    rounds, extra = divmod(len(trees), n_classes)
-    if extra or booster["model"]["tree_info"] != [t % n_classes for t in range(len(trees))] or any(
-            any(tree["split_type"]) or tree["categories"] for tree in trees):
-        raise NotCompilable("only one numeric tree per class and round is compiled for XGBoost")
-    # The base score (per class, in margin space) goes first, as one single-leaf tree per class,
-    # so that summing the leaves in tree order adds them up as XGBoost does: base, then each tree.
-    base = json.loads(saved["learner_model_param"]["base_score"])
-    bases = [{"left_children": [-1], "right_children": [-1], "split_indices": [0],
-              "split_conditions": [score]} for score in np.broadcast_to(base, n_classes)]
-    trees = bases + trees
-    walk = _Trees([np.array(t["left_children"]) for t in trees],
-                  [np.array(t["right_children"]) for t in trees],
-                  [np.array(t["split_indices"]) for t in trees],
-                  [np.array(t["split_conditions"], dtype=np.float32) for t in trees],
-                  equal_goes_right=True)
-    # A leaf's split_condition is its value.
-    value = np.concatenate([np.array(t["split_conditions"], dtype=np.float32) for t in trees])
+def _xgboost(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+    # The trees are one per class and round, after one single-leaf tree per class holding the
+    # base score: summing the leaves in tree order adds them up as XGBoost does.
+    walk = _Trees(spec["trees"], equal_goes_right=True)
+    value, rounds = spec["value"], len(spec["trees"]["roots"]) // n_classes - 1
     expf = _c_expf()
 
     def finish(margin: list[float]) -> list[float]:
@@ -408,15 +521,14 @@ def _sum_in_order(values: list[float]) -> float:
     return total
 
 
-_COMPILERS: dict[tuple[str, str], Callable[[Any, int], Callable[[np.ndarray], Answer]]] = {
-    ("sklearn", "LogisticRegression"): _logistic_regression,
-    ("sklearn", "RandomForestClassifier"): _random_forest,
-    ("sklearn", "CalibratedClassifierCV"): _calibrated_svm,
-    ("sklearn", "KNeighborsClassifier"): _k_neighbours,
-    ("xgboost", "XGBClassifier"): _xgboost,
+_BUILDERS: dict[str, Callable[[Spec, int], Callable[[np.ndarray], Answer]]] = {
+    "LogisticRegression": _logistic_regression,
+    "RandomForestClassifier": _random_forest,
+    "CalibratedClassifierCV": _calibrated_svm,
+    "KNeighborsClassifier": _k_neighbours,
+    "XGBClassifier": _xgboost,
 }
-"""(package, estimator class) -> builder of its numeric path. The exact class: a subclass is
-not assumed to compute the same thing (and importing xgboost to ask would cost half a second)."""
+"""A spec's kind -> the builder of its numeric path, from its checked ``estimator`` part."""
 
 
 def check_rows(features: Features, per_group: int = 40, seed: int = 0) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
-"""The pipeline's data contract, as much of it as the service needs.
+"""What a model takes and what the service accepts: features, categories, ranges, model names.
 
-These restate constants of ``penguins.contract`` (the pipeline's package, which the service's
-image does not contain); ``tests/serving/test_contract.py`` checks that the two agree.
+Defined here, on the service's side, once: the pipeline's ``penguins.contract`` imports these
+(the Airflow image carries ``serving``'s store and contract), so the two halves cannot disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ SEXES = ("female", "male")
 FEATURES = ("island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g",
             "sex", "year")
 """The columns a model takes, in the order a caller gives them."""
+NUMERIC_FEATURES = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "year")
+CATEGORICAL_FEATURES = {"island": ISLANDS, "sex": SEXES}
 
 PLAUSIBLE_RANGES = {
     "bill_length_mm": (10.0, 100.0),
@@ -23,12 +25,8 @@ PLAUSIBLE_RANGES = {
 """Inclusive bounds outside which a measurement is a data error, not a big penguin."""
 
 MODEL_NAMES = ("logistic_regression", "random_forest", "svm", "knn", "xgboost")
-"""The models the pipeline trains. The service serves any validly named model it finds."""
+"""The model zoo, by the name used in Params, folders, API paths and the README. The service
+serves any validly named model in the store."""
 
 MODEL_NAME_PATTERN = r"^[a-z0-9_]{1,64}$"
 """What a model name may look like: no dots or slashes, so a name can never leave MODELS_DIR."""
-
-FORMAT_VERSION = 1
-"""The version of the published metadata format (``penguins.publishing.FORMAT_VERSION``)."""
-
-MANIFEST_FILE = "manifest.json"

@@ -1,10 +1,16 @@
-"""Turning a loaded model into something that classifies rows of raw measurements.
+"""Turning a loaded model into something that classifies rows of raw measurements (in a worker).
 
 The service talks to a model only through ``Predictor.predict``. ``PipelinePredictor`` calls the
-fitted pipeline itself, as training did: exact, and about 4 ms a call, nearly all of it pandas
-and input validation. ``serving.compiled`` rebuilds the same arithmetic on NumPy arrays, a few
-tens of microseconds a row; ``choose_predictor`` serves such a compiled predictor only once it
-has given the pipeline's own answers on a set of check rows, and the pipeline otherwise.
+fitted pipeline itself, as training did: exact, but slow, nearly all of it pandas and input
+validation. ``serving.compiled`` redoes the same arithmetic on NumPy arrays.
+
+Unpickling a model runs whatever code the pickle names, so only a worker process, with limited
+resources, unpickles; everything here runs there. ``compile_checked`` exports the model's
+compiled predictor as plain data (a spec), rebuilds the predictor from that spec exactly as the
+serving process will (after a round trip through ``serving.plain_data``, so what is checked is
+what is sent), and hands the spec back only once the rebuilt predictor has given the pipeline's
+own answers on a set of check rows. With the spec go those answers, so that the serving process,
+which never sees the pipeline, can check the predictor it rebuilds against them.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from serving.compiled import CompiledPredictor, NotCompilable, Row, check_rows
+from serving import plain_data
+from serving.compiled import CompiledPredictor, NotCompilable, Row, Spec, check_rows, export_spec
 from serving.contract import FEATURES
 
 TOLERANCE = 1e-6
@@ -62,23 +69,28 @@ class PipelinePredictor:
         return self._pipeline.predict(frame), self._pipeline.predict_proba(frame)
 
 
-def choose_predictor(pipeline: Any, n_classes: int, *, compile_model: bool = True
-                     ) -> tuple[Predictor, str | None]:
-    """The predictor to serve ``pipeline`` with, and why it is not a compiled one (or None).
+def compile_checked(pipeline: Any, n_classes: int) -> tuple[Spec, dict[str, Any]]:
+    """The spec of ``pipeline``'s compiled predictor, and what that predictor answers on the
+    check rows: ``{"rows": [...], "codes": (n,) ints, "probabilities": (n, classes) floats}``.
 
-    Raises NotAModelError if the pipeline cannot be served at all.
+    Raises NotAModelError if the pipeline cannot be served at all, and NotCompilable (saying
+    why) if it cannot be served compiled: no compiled path, or one whose answers differ from the
+    pipeline's, or that fails.
     """
     exact = PipelinePredictor(pipeline, n_classes)
-    if not compile_model:
-        return exact, None
     try:
-        compiled = CompiledPredictor(pipeline, n_classes)
-        check(compiled, exact, check_rows(compiled.features))
-    except NotCompilable as exc:
-        return exact, str(exc)
-    except Exception as exc:  # A compiled path that breaks must not cost the model its service.
-        return exact, f"the compiled path failed its check ({type(exc).__name__}: {exc})"
-    return compiled, None
+        data = plain_data.encode(export_spec(pipeline, n_classes))
+        spec = plain_data.decode(data, max_bytes=len(data))
+        rebuilt = CompiledPredictor.from_spec(spec, n_classes=n_classes)
+        rows = check_rows(rebuilt.features)
+        check(rebuilt, exact, rows)
+        codes, probabilities = rebuilt.predict(rows)
+    except (NotCompilable, MemoryError):  # Out of memory is the worker's limit, not a reason.
+        raise
+    except Exception as exc:  # A compiled path that breaks is one that does not match.
+        raise NotCompilable(f"the compiled path failed its check ({type(exc).__name__}: {exc})"
+                            ) from exc
+    return spec, {"rows": rows, "codes": codes, "probabilities": probabilities}
 
 
 def check(candidate: Predictor, reference: Predictor, rows: Sequence[Row]) -> None:

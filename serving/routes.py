@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-import anyio.to_thread
 import msgspec
 from litestar import get, post
 from litestar.datastructures import State
@@ -18,26 +17,27 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
 
-from serving.artifacts import LoadedModel
 from serving.contract import MODEL_NAME_PATTERN, MODEL_NAMES
-from serving.registry import ModelRegistry, Snapshot
+from serving.registry import ModelRegistry, ModelState, ServedVersion, Snapshot
 from serving.schemas import (
     BatchPrediction,
     Health,
-    LoadError,
     ModelInfo,
     ModelList,
     ModelVersion,
+    ModelVersions,
     Penguin,
     Prediction,
     Readiness,
     SpeciesPrediction,
+    VersionEntry,
     batch_request_type,
 )
+from serving.store.layout import VERSION_ID
 
 NO_MODEL_MESSAGE = (
-    "No model is loaded: the pipeline has not published a model into MODELS_DIR yet "
-    "(run the penguins_pipeline DAG), or none of the published files could be loaded "
+    "No model is served: the pipeline has not promoted a model in MODELS_DIR yet "
+    "(run the penguins_pipeline DAG), or none of the promoted versions could be loaded "
     "(see GET /models)."
 )
 
@@ -50,7 +50,17 @@ ModelName = Annotated[
     ),
 ]
 
-_NOT_FOUND = ResponseSpec(data_container=None, description="No model of this name.")
+Version = Annotated[
+    str | None,
+    Parameter(
+        pattern=VERSION_ID.pattern, required=False,
+        description="A kept version of the model (GET /models/{model_name}/versions), instead "
+        "of its promoted one.",
+    ),
+]
+
+_NOT_FOUND = ResponseSpec(data_container=None,
+                          description="No model of this name, or no such kept version.")
 _UNAVAILABLE = ResponseSpec(
     data_container=None, description="No model is loaded yet, or this one could not be loaded."
 )
@@ -71,55 +81,72 @@ def health() -> Health:
 def ready(state: State) -> Readiness:
     """At least one model is loaded and can answer predictions; 503 until then."""
     snapshot = _registry(state).snapshot
-    if not snapshot.models:
-        raise ServiceUnavailableException(NO_MODEL_MESSAGE)
-    return Readiness(ready=True, models_loaded=len(snapshot.models), best_model=snapshot.best_model)
+    served = snapshot.served()
+    if not served:
+        raise ServiceUnavailableException(_no_model(snapshot))
+    return Readiness(ready=True, models_loaded=len(served), best_model=snapshot.best_model)
 
 
 @get("/metrics", tags=["service"], sync_to_thread=False,
      media_type="text/plain; version=0.0.4")
 def metrics(state: State) -> str:
     """Prometheus metrics: requests and latencies per route and per model, reloads, load errors."""
-    return state.metrics.render(models_loaded=len(_registry(state).snapshot.models))
+    return state.metrics.render(models_loaded=len(_registry(state).snapshot.served()))
 
 
 @get("/models", tags=["models"], sync_to_thread=False)
 def list_models(state: State) -> ModelList:
-    """Every model found in MODELS_DIR with its metadata, and which one is the best."""
+    """Every model in the store, the version each one answers with, and which is the best."""
     snapshot = _registry(state).snapshot
     return ModelList(
         best_model=snapshot.best_model,
-        models=[_model_info(snapshot, name) for name in snapshot.names()],
+        models=[_model_info(snapshot, model) for model in snapshot.models.values()],
+        store_problem=snapshot.store_problem,
     )
 
 
 @get("/models/{model_name:str}", tags=["models"], sync_to_thread=False,
      responses={404: _NOT_FOUND})
 def get_model(model_name: ModelName, state: State) -> ModelInfo:
-    """One model's metadata, the version being served, and its latest load error if any."""
+    """One model: the version it answers with, its metadata, and what is wrong, if anything."""
     snapshot = _registry(state).snapshot
-    if model_name not in snapshot.names():
-        raise NotFoundException(_unknown(model_name, snapshot))
-    return _model_info(snapshot, model_name)
+    return _model_info(snapshot, _model(snapshot, model_name))
+
+
+@get("/models/{model_name:str}/versions", tags=["models"], sync_to_thread=False,
+     responses={404: _NOT_FOUND})
+def list_versions(model_name: ModelName, state: State) -> ModelVersions:
+    """Every kept version of a model, newest first: its metrics, training time, run id, and
+    state (promoted, previous, held back by the gate, candidate, or refused, with why)."""
+    model = _model(_registry(state).snapshot, model_name)
+    return ModelVersions(
+        name=model.name, promoted=model.entry.promoted,
+        served=model.served.version if model.served else None,
+        versions=[_version_entry(model, version)
+                  for version in sorted({*model.found, *model.loaded, *model.refused},
+                                        reverse=True)],
+    )
 
 
 @post("/predict", tags=["predict"], status_code=200, responses=_BEST_RESPONSES)
 async def predict_best(data: JSONBody[Penguin], state: State) -> Prediction:
     """The species of one penguin, according to the best model."""
     snapshot = _registry(state).snapshot
-    return await _predict_one(state, _served(snapshot, snapshot.best_model), data)
+    return _predict_one(state, _served(snapshot, snapshot.best_model), data)
 
 
 @post("/predict/{model_name:str}", tags=["predict"], status_code=200,
       responses=_PREDICT_RESPONSES)
-async def predict(model_name: ModelName, data: JSONBody[Penguin], state: State) -> Prediction:
-    """The species of one penguin, according to the model ``model_name``."""
-    return await _predict_one(state, _served(_registry(state).snapshot, model_name), data)
+async def predict(model_name: ModelName, data: JSONBody[Penguin], state: State,
+                  version: Version = None) -> Prediction:
+    """The species of one penguin, according to the model ``model_name`` (its promoted
+    version, or the kept ``version``)."""
+    return _predict_one(state, _served(_registry(state).snapshot, model_name, version), data)
 
 
 _CEILING_ANSWER = Prediction(
     species="Adelie", probabilities={"Adelie": 1.0, "Chinstrap": 0.0, "Gentoo": 0.0},
-    model=ModelVersion(name="ceiling", version="0" * 12, sha256="0" * 64,
+    model=ModelVersion(name="ceiling", version="20000101T000000.000000Z", sha256="0" * 64,
                        trained_at="2000-01-01T00:00:00+00:00", dag_run_id=None),
 )
 
@@ -148,9 +175,11 @@ def batch_routes(max_rows: int) -> list[HTTPRouteHandler]:
           sync_to_thread=True, signature_namespace=namespace, responses=_PREDICT_RESPONSES,
           description=f"The species of each penguin, according to ``model_name``. {limit}")
     def predict_batch(
-        model_name: ModelName, data: JSONBody[BatchRequest], state: State
+        model_name: ModelName, data: JSONBody[BatchRequest], state: State,
+        version: Version = None,
     ) -> BatchPrediction:
-        return _predict_batch(state, _served(_registry(state).snapshot, model_name), data.penguins)
+        return _predict_batch(state, _served(_registry(state).snapshot, model_name, version),
+                              data.penguins)
 
     return [predict_batch_best, predict_batch]
 
@@ -159,37 +188,55 @@ def _registry(state: State) -> ModelRegistry:
     return state.registry
 
 
-def _served(snapshot: Snapshot, name: str | None) -> LoadedModel:
-    """The loaded model ``name``, or the HTTP error that explains why there is none."""
-    if not snapshot.models or name is None:
-        raise ServiceUnavailableException(NO_MODEL_MESSAGE)
-    if (model := snapshot.models.get(name)) is not None:
-        return model
-    if (failure := snapshot.failures.get(name)) is not None:
-        raise ServiceUnavailableException(f"Model {name!r} could not be loaded: {failure.message}")
-    raise NotFoundException(_unknown(name, snapshot))
+def _served(snapshot: Snapshot, name: str | None, version: str | None = None) -> ServedVersion:
+    """The loaded version that answers, or the HTTP error that explains why there is none."""
+    if name is None or (name not in snapshot.models and not snapshot.served()):
+        raise ServiceUnavailableException(_no_model(snapshot))
+    model = _model(snapshot, name)
+    if version is not None:
+        if (kept := model.loaded.get(version)) is not None:
+            return kept
+        state, reason = model.state_of(version) if version in model.found else (None, None)
+        why = f" (it is {state}: {reason})" if state == "refused" else ""
+        raise NotFoundException(
+            f"Model {name!r} has no servable version {version!r}{why}; the servable versions "
+            f"are: {', '.join(sorted(model.loaded, reverse=True)) or 'none'}."
+        )
+    if model.served is None:
+        raise ServiceUnavailableException(f"Model {name!r} is not served: {model.problem}")
+    return model.served
 
 
-def _unknown(name: str, snapshot: Snapshot) -> str:
-    return f"No model named {name!r}; the models are: {', '.join(snapshot.names()) or 'none'}."
+def _model(snapshot: Snapshot, name: str) -> ModelState:
+    if (model := snapshot.models.get(name)) is None:
+        raise NotFoundException(
+            f"No model named {name!r}; the models are: {', '.join(snapshot.models) or 'none'}."
+        )
+    return model
 
 
-async def _predict_one(state: State, model: LoadedModel, penguin: Penguin) -> Prediction:
-    if model.predictor.fast:
-        # Tens of microseconds: less than handing the row to a worker thread and back.
-        (answer,) = _classify(state, model, [penguin])
-    else:
-        (answer,) = await anyio.to_thread.run_sync(_classify, state, model, [penguin])
+def _no_model(snapshot: Snapshot) -> str:
+    if snapshot.store_problem:
+        return f"{NO_MODEL_MESSAGE} The store: {snapshot.store_problem}"
+    return NO_MODEL_MESSAGE
+
+
+def _predict_one(state: State, model: ServedVersion, penguin: Penguin) -> Prediction:
+    # Compiled predictors answer in tens of microseconds: less than handing the row to a worker
+    # thread and back, so they run on the event loop.
+    (answer,) = _classify(state, model, [penguin])
     return Prediction(
         species=answer.species, probabilities=answer.probabilities, model=_version(model)
     )
 
 
-def _predict_batch(state: State, model: LoadedModel, penguins: list[Penguin]) -> BatchPrediction:
+def _predict_batch(state: State, model: ServedVersion, penguins: list[Penguin]
+                   ) -> BatchPrediction:
     return BatchPrediction(model=_version(model), predictions=_classify(state, model, penguins))
 
 
-def _classify(state: State, model: LoadedModel, penguins: list[Penguin]) -> list[SpeciesPrediction]:
+def _classify(state: State, model: ServedVersion, penguins: list[Penguin]
+              ) -> list[SpeciesPrediction]:
     rows = [msgspec.structs.asdict(penguin) for penguin in penguins]
     started = time.perf_counter()
     codes, probabilities = model.predictor.predict(rows)
@@ -204,29 +251,59 @@ def _classify(state: State, model: LoadedModel, penguins: list[Penguin]) -> list
     ]
 
 
-def _version(model: LoadedModel) -> ModelVersion:
+def _version(model: ServedVersion) -> ModelVersion:
     return ModelVersion(
         name=model.name,
         version=model.version,
-        sha256=model.sha256,
+        sha256=model.info.pickle_sha256,
         trained_at=str(model.metadata.get("trained_at")),
-        dag_run_id=model.metadata.get("dag_run_id"),
+        dag_run_id=_text_or_none(model.metadata.get("dag_run_id")),
     )
 
 
-def _model_info(snapshot: Snapshot, name: str) -> ModelInfo:
-    model, failure = snapshot.models.get(name), snapshot.failures.get(name)
-    info: dict[str, Any] = {"name": name, "serving": model is not None,
-                            "best": name == snapshot.best_model}
-    if model is not None:
+def _model_info(snapshot: Snapshot, model: ModelState) -> ModelInfo:
+    info: dict[str, Any] = {"name": model.name, "serving": model.served is not None,
+                            "best": model.name == snapshot.best_model,
+                            "promoted": model.entry.promoted, "problem": model.problem}
+    if (served := model.served) is not None:
         info.update(
-            version=_version(model),
-            classes=list(model.classes),
-            metrics=model.metadata.get("metrics"),
-            library_versions=model.metadata.get("versions"),
-            loaded_at=model.loaded_at,
+            version=_version(served),
+            classes=list(served.classes),
+            metrics=_numbers(served.metadata.get("metrics")),
+            library_versions=_texts(served.metadata.get("versions")),
+            loaded_at=served.loaded_at,
         )
-    if failure is not None:
-        info["load_error"] = LoadError(message=failure.message, at=failure.at)
     return ModelInfo(**info)
 
+
+def _version_entry(model: ModelState, version: str) -> VersionEntry:
+    state, reason = model.state_of(version)
+    loaded = model.loaded.get(version)
+    metadata = loaded.metadata if loaded else {}
+    return VersionEntry(
+        version=version, state=state, reason=reason, loaded=loaded is not None,
+        metrics=_numbers(metadata.get("metrics")),
+        trained_at=_text_or_none(metadata.get("trained_at")),
+        training_seconds=_numbers({"s": metadata.get("training_seconds")}).get("s"),
+        dag_run_id=_text_or_none(metadata.get("dag_run_id")),
+        gate=metadata.get("gate") if isinstance(metadata.get("gate"), dict) else None,
+    )
+
+
+# A signed document still gets shown only as the types the API promises.
+def _numbers(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: float(v) for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            and -1e300 < v < 1e300}  # finite, and not an integer too large for a float
+
+
+def _texts(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -68,12 +68,13 @@ REQUEST_SCHEMAS = ("Penguin", "BatchRequest")
 
 
 class ModelVersion(msgspec.Struct, kw_only=True):
-    """Which published model answered: its name and the identity of the file that was loaded."""
+    """Which version of which model answered."""
 
     name: str
     version: str
-    """The first 12 hex digits of the pickle's sha256."""
+    """The version id: the UTC time it was exported, ``YYYYMMDDTHHMMSS.ffffffZ``."""
     sha256: str
+    """The sha256 of the version's pickle, as its signed metadata records it."""
     trained_at: str
     dag_run_id: str | None
 
@@ -97,29 +98,54 @@ class BatchPrediction(msgspec.Struct, kw_only=True):
     predictions: list[SpeciesPrediction]
 
 
-class LoadError(msgspec.Struct, kw_only=True):
-    """Why the latest files of a model were not served."""
-
-    message: str
-    at: datetime
+VersionState = Literal["promoted", "previous", "held back", "candidate", "refused", "loading"]
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
-    """A model found in MODELS_DIR: what is served (if anything) and the latest load error."""
+    """A model found in the store: the version it answers with, and what is wrong, if anything."""
 
     name: str
     serving: bool
-    """Whether a good version of this model is loaded and answers predictions."""
+    """Whether a version of this model is loaded and answers predictions."""
     best: bool
+    promoted: str | None
+    """The version the signed manifest promotes; ``version`` is it once it has loaded."""
     version: ModelVersion | None = None
     classes: list[str] | None = None
     metrics: dict[str, float] | None = None
     library_versions: dict[str, str] | None = None
     """The library versions that trained the model (python, scikit-learn, xgboost, ...)."""
     loaded_at: datetime | None = None
-    load_error: LoadError | None = None
-    """Set when the files now in MODELS_DIR could not be loaded; a previous good version, if
-    any, keeps answering."""
+    problem: str | None = None
+    """Why the promoted version is not the one answering (refused, missing, not promoted yet);
+    the last good version, if any, keeps answering."""
+
+
+class VersionEntry(msgspec.Struct, kw_only=True):
+    """One kept version of a model."""
+
+    version: str
+    state: VersionState
+    """``promoted``: served by default; ``previous``: promoted before (``rollback`` returns to
+    the last one); ``held back``: the promotion gate, or a rollback, kept it from being served;
+    ``candidate``: not promoted; ``refused``: did not verify or load; ``loading``: being loaded."""
+    reason: str | None = None
+    loaded: bool
+    """Whether it answers ``POST /predict/{name}?version=...``."""
+    metrics: dict[str, float] | None = None
+    trained_at: str | None = None
+    training_seconds: float | None = None
+    dag_run_id: str | None = None
+    gate: dict[str, Any] | None = None
+    """The promotion gate's decision when the pipeline exported it."""
+
+
+class ModelVersions(msgspec.Struct, kw_only=True):
+    name: str
+    promoted: str | None
+    served: str | None
+    versions: list[VersionEntry]
+    """Newest first."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):
@@ -127,6 +153,9 @@ class ModelList(msgspec.Struct, kw_only=True):
     """The model ``POST /predict`` uses: the pipeline's choice if it is loaded, else the loaded
     model with the highest held-out accuracy."""
     models: list[ModelInfo]
+    store_problem: str | None = None
+    """Why the store's current manifest, or MODELS_DIR itself, is not being followed (a refused
+    manifest, a missing folder); the models answer as before meanwhile."""
 
 
 class Health(msgspec.Struct, kw_only=True):

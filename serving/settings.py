@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from serving.store import signing
+from serving.store.documents import MAX_PICKLE_BYTES
+
 _T = TypeVar("_T", int, float)
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "shared_models"
@@ -21,9 +24,32 @@ class Settings:
     """``MODELS_DIR``: the folder the pipeline publishes into (default: the repository's
     ``shared_models/``, where the DAG writes). The service only ever reads it."""
 
-    signing_key: bytes | None = None
-    """``MODEL_SIGNING_KEY``: when set (non-empty), a model is served only if its metadata
-    carries a matching HMAC-SHA256 signature under this key. Empty or unset: no signature needed."""
+    public_key_file: Path = signing.KEYS_DIR / "public.pem"
+    """``MODEL_PUBLIC_KEY_FILE``: the public half of the pipeline's signing key pair (default
+    ``airflow/home/model-signing/public.pem``, where the launcher creates it). Only manifests and
+    versions it verifies are served."""
+
+    allow_unsigned: bool = False
+    """``SERVING_ALLOW_UNSIGNED``: ``1`` also serves unsigned manifests and versions, for models
+    exported by hand during development. Never in production: anyone who can write MODELS_DIR
+    could then choose what is served (the isolated loader still limits what a pickle can do)."""
+
+    model_history: int = 5
+    """``MODEL_HISTORY``: how many versions of each model are kept and loaded (the promoted one
+    and the one a rollback returns to are kept besides); the pipeline prunes to the same number."""
+
+    max_model_bytes: int = 200_000_000
+    """``SERVING_MAX_MODEL_BYTES``: a larger pickle is refused before it is read."""
+
+    loader_memory_mb: int = 2048
+    """``SERVING_LOADER_MEMORY_MB``: the memory a loader worker may use beyond the model
+    libraries it starts with; above it, the version is refused."""
+
+    loader_cpu_seconds: int = 60
+    """``SERVING_LOADER_CPU_SECONDS``: the CPU time a loader worker may use."""
+
+    loader_timeout_seconds: float = 90.0
+    """``SERVING_LOADER_TIMEOUT_SECONDS``: a loader worker still busy after this is stopped."""
 
     host: str = "127.0.0.1"
     """``SERVING_HOST``: the address ``python -m serving`` listens on."""
@@ -41,11 +67,6 @@ class Settings:
     reload_interval_seconds: float = 0.2
     """``RELOAD_INTERVAL_SECONDS``: how often ``MODELS_DIR`` is checked for new, changed or removed
     models. Polling, rather than inotify, also works on bind mounts and network filesystems."""
-
-    fast_predictors: bool = True
-    """``SERVING_FAST_PREDICTORS``: serve each model by a compiled predictor that has matched
-    its pipeline on check rows (``serving.compiled``); ``0`` serves every model by its pipeline
-    (a pandas DataFrame per request, 30 to 150 times fewer requests/s). For comparison only."""
 
     benchmark_endpoints: bool = False
     """``SERVING_BENCHMARK_ENDPOINTS``: ``1`` adds ``POST /benchmark/ceiling``, which validates a
@@ -86,10 +107,21 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``environ`` (default ``os.environ``); a bad value raises ValueError."""
         env = os.environ if environ is None else environ
-        key = env.get("MODEL_SIGNING_KEY", "")
         return cls(
             models_dir=Path(env.get("MODELS_DIR") or DEFAULT_MODELS_DIR),
-            signing_key=key.encode() if key else None,
+            public_key_file=Path(env.get(signing.PUBLIC_KEY_ENV) or signing.KEYS_DIR
+                                 / "public.pem"),
+            allow_unsigned=_flag(env, "SERVING_ALLOW_UNSIGNED", cls.allow_unsigned),
+            model_history=_number(env, "MODEL_HISTORY", int, cls.model_history, low=1,
+                                  high=1000),
+            max_model_bytes=_number(env, "SERVING_MAX_MODEL_BYTES", int, cls.max_model_bytes,
+                                    low=1000, high=MAX_PICKLE_BYTES),
+            loader_memory_mb=_number(env, "SERVING_LOADER_MEMORY_MB", int, cls.loader_memory_mb,
+                                     low=64),
+            loader_cpu_seconds=_number(env, "SERVING_LOADER_CPU_SECONDS", int,
+                                       cls.loader_cpu_seconds, low=1, high=3600),
+            loader_timeout_seconds=_number(env, "SERVING_LOADER_TIMEOUT_SECONDS", float,
+                                           cls.loader_timeout_seconds, low=1.0, high=3600.0),
             host=env.get("SERVING_HOST") or cls.host,
             port=_number(env, "SERVING_PORT", int, cls.port, low=1, high=65535),
             max_batch_rows=_number(env, "MAX_BATCH_ROWS", int, cls.max_batch_rows, low=1),
@@ -98,7 +130,6 @@ class Settings:
                 env, "RELOAD_INTERVAL_SECONDS", float, cls.reload_interval_seconds,
                 low=0.01, high=60.0,
             ),
-            fast_predictors=_flag(env, "SERVING_FAST_PREDICTORS", cls.fast_predictors),
             benchmark_endpoints=_flag(env, "SERVING_BENCHMARK_ENDPOINTS",
                                       cls.benchmark_endpoints),
             access_log=_flag(env, "SERVING_ACCESS_LOG", cls.access_log),

@@ -22,9 +22,23 @@ os.environ.update(
     AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_FOLDER),
     AIRFLOW__CORE__LOAD_EXAMPLES="False",
     AIRFLOW__CORE__UNIT_TEST_MODE="False",
+    # Subprocesses (`airflow dags test`, `python -m serving.store`) import the store's format
+    # from the repository root, as the launcher and the Airflow image arrange.
+    PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH")] if p),
 )
 
+# The test setup makes its own model signing key pair, as the launcher and compose do on a
+# first start; the pipeline and the service find it through these variables.
+os.environ.update(
+    MODEL_SIGNING_KEY_FILE=str(_AIRFLOW_HOME / "model-signing" / "private.pem"),
+    MODEL_PUBLIC_KEY_FILE=str(_AIRFLOW_HOME / "model-signing" / "public.pem"),
+)
+
+from serving.store.signing import ensure_key_pair  # noqa: E402
 from tests.mysql_server import Server, mysql_database  # noqa: E402
+
+ensure_key_pair(Path(os.environ["MODEL_SIGNING_KEY_FILE"]),
+                Path(os.environ["MODEL_PUBLIC_KEY_FILE"]))
 
 
 @pytest.fixture(scope="session")

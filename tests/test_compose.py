@@ -129,6 +129,33 @@ def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
     return mounts
 
 
+def named_volumes(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(volume, container path, mode) of the service's named volumes (not bind mounts)."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        if not source.startswith((".", "/")):
+            mounts.append((source, target, mode[0] if mode else "rw"))
+    return mounts
+
+
+def mount_of(service: dict[str, Any], path: str) -> tuple[str, str, str] | None:
+    """The (source, target, mode) mount that holds the container path ``path``, if any."""
+    for source, target, mode in [*bind_mounts(service), *named_volumes(service)]:
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source, target, mode
+    return None
+
+
+def airflow_image_serving_package() -> tuple[str, list[str]]:
+    """Where airflow/Dockerfile copies the repository's serving/, and its PYTHONPATH entries."""
+    copies = [arguments.split() for arguments in instruction(AIRFLOW_DOCKERFILE, "COPY")]
+    destinations = [words[-1] for words in copies if words[-2].rstrip("/") == "serving"]
+    assert len(destinations) == 1, "airflow/Dockerfile must COPY serving/ into the image once"
+    pythonpath = dict(re.findall(r"(\w+)=(\S+)", " ".join(instruction(AIRFLOW_DOCKERFILE, "ENV"))))
+    return destinations[0].rstrip("/"), pythonpath.get("PYTHONPATH", "").split(":")
+
+
 def env_example_names() -> set[str]:
     """Every variable .env.example names, set or commented out (``# NAME=``)."""
     return set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
@@ -307,8 +334,84 @@ def test_models_flow_from_airflow_to_serving_read_only() -> None:
         assert ("./shared_models", models_dir, "rw") in bind_mounts(service), name
     serving = services()["serving"]
     assert ("./shared_models", environment(serving)["MODELS_DIR"], "ro") in bind_mounts(serving)
-    signing_keys = {environment(s)["MODEL_SIGNING_KEY"] for s in airflow_services().values()}
-    assert signing_keys == {environment(serving)["MODEL_SIGNING_KEY"]}
+
+
+# --- the model signing key pair -----------------------------------------------------------------
+
+SECRETS_VOLUME = "secrets"
+PUBLIC_KEY_VOLUME = "model-public-key"
+
+
+def test_no_service_gets_a_signing_key_in_its_environment() -> None:
+    for name, service in services().items():
+        env = environment(service)
+        # The old HMAC secret, and the service's development switch, are gone for good.
+        assert "MODEL_SIGNING_KEY" not in env, name
+        assert "SERVING_ALLOW_UNSIGNED" not in env, f"{name}: never serve unsigned models here"
+        for key, value in env.items():
+            assert "PRIVATE KEY" not in value and "PUBLIC KEY" not in value, f"{name}: {key}"
+            if key.startswith("MODEL_") and key.endswith("_FILE"):
+                assert value.startswith("/"), f"{name}: {key} must name a file, not hold a key"
+
+
+def test_the_serving_container_cannot_see_the_private_key() -> None:
+    serving = services()["serving"]
+    volumes = {source for source, _, _ in named_volumes(serving)}
+    assert SECRETS_VOLUME not in volumes, "serving must not mount the secrets volume"
+    assert not any(source.startswith(("./airflow", "/")) for source, _, _ in bind_mounts(serving))
+    assert "MODEL_SIGNING_KEY_FILE" not in environment(serving)
+
+
+def test_serving_reads_the_public_key_from_its_own_volume_read_only() -> None:
+    serving = services()["serving"]
+    public = environment(serving)["MODEL_PUBLIC_KEY_FILE"]
+    assert mount_of(serving, public) == (PUBLIC_KEY_VOLUME, str(Path(public).parent), "ro")
+    assert PUBLIC_KEY_VOLUME in compose()["volumes"]
+    # The key exists before the service starts.
+    assert serving["depends_on"]["init-secrets"] == {
+        "condition": "service_completed_successfully"}
+
+
+def test_init_secrets_writes_both_halves_where_the_readers_look() -> None:
+    init = services()["init-secrets"]
+    env = environment(init)
+    private, public = env["MODEL_SIGNING_KEY_FILE"], env["MODEL_PUBLIC_KEY_FILE"]
+    assert mount_of(init, private)[::2] == (SECRETS_VOLUME, "rw")
+    assert mount_of(init, public)[::2] == (PUBLIC_KEY_VOLUME, "rw")
+    # Each reader mounts the same volume, at a path under which the same file is found.
+    for name, service in airflow_services().items():
+        airflow = environment(service)
+        assert airflow["MODEL_SIGNING_KEY_FILE"] == private, name
+        assert mount_of(service, private)[:2] == mount_of(init, private)[:2], name
+        assert airflow["MODEL_PUBLIC_KEY_FILE"] == public, name
+        assert mount_of(service, public) == (PUBLIC_KEY_VOLUME, mount_of(init, public)[1],
+                                             "ro"), name
+    serving = services()["serving"]
+    assert environment(serving)["MODEL_PUBLIC_KEY_FILE"] == public
+    assert mount_of(serving, public)[:2] == mount_of(init, public)[:2]
+
+
+def test_the_private_key_is_in_the_secrets_mount_of_every_airflow_component() -> None:
+    for name, service in airflow_services().items():
+        private = environment(service)["MODEL_SIGNING_KEY_FILE"]
+        assert mount_of(service, private) == (SECRETS_VOLUME, "/run/secrets/penguins", "rw"), name
+        assert Path(private).name.endswith(".pem"), name
+
+
+def test_pipeline_and_service_keep_the_same_model_history() -> None:
+    readers = {**airflow_services(), "serving": services()["serving"]}
+    values = {name: environment(service).get("MODEL_HISTORY") for name, service in readers.items()}
+    assert set(values.values()) == {"${MODEL_HISTORY:-5}"}, values
+
+
+def test_the_airflow_image_holds_the_serving_package_on_its_pythonpath() -> None:
+    destination, pythonpath = airflow_image_serving_package()
+    assert Path(destination).name == "serving", destination
+    assert str(Path(destination).parent) in pythonpath, (destination, pythonpath)
+    # init-secrets imports serving.store.signing from that copy, not from a bind mount.
+    init = services()["init-secrets"]
+    assert init["image"] == services()["airflow-scheduler"]["image"]
+    assert not any(target.startswith(destination) for _, target, _ in bind_mounts(init))
 
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:

@@ -2,14 +2,17 @@
 
 No Docker engine here, so the tests do what compose and the containers would: interpolate
 compose.yml's variables as compose does (with no ``.env``: it must need none), run the real
-``airflow/init_secrets.py`` into a folder that stands for the ``secrets`` volume, map each
-service's mounts onto that folder, and then let the real readers read: Airflow's configuration
-and secrets backend for the Airflow components, the ``*_FILE`` files for the database images,
-``penguins.publishing`` and ``serving.settings`` for where models go.
+``airflow/init_secrets.py`` into folders that stand for the ``secrets`` and ``model-public-key``
+volumes (with ``serving/`` on its path where the Airflow image puts it), map each service's mounts
+onto those folders, and then let the real readers read: Airflow's configuration and secrets
+backend for the Airflow components, the ``*_FILE`` files for the database images,
+``penguins.publishing`` and ``serving.settings`` for where models go, and
+``serving.store.signing`` for the key pair the pipeline signs with and the service verifies with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +26,15 @@ import pytest
 from cryptography.fernet import Fernet
 
 from penguins import contract
-from tests.test_compose import ROOT, airflow_services, services
+from serving.store import signing
+from tests.test_compose import (
+    PUBLIC_KEY_VOLUME,
+    ROOT,
+    SECRETS_VOLUME,
+    airflow_image_serving_package,
+    airflow_services,
+    services,
+)
 
 INIT_SECRETS = ROOT / "airflow" / "init_secrets.py"
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
@@ -71,11 +82,29 @@ def mapped(env: dict[str, str], container_path: str, host_path: Path) -> dict[st
     return {key: value.replace(container_path, str(host_path)) for key, value in env.items()}
 
 
+def public_volume_of(secrets_folder: Path) -> Path:
+    """The folder that stands for the ``model-public-key`` volume beside a ``secrets`` one."""
+    return secrets_folder.with_name(f"{secrets_folder.name}-{PUBLIC_KEY_VOLUME}")
+
+
+def image_pythonpath() -> str:
+    """The Airflow image's PYTHONPATH, with its copy of serving/ being this repository's."""
+    destination, pythonpath = airflow_image_serving_package()
+    here = {str(Path(destination).parent): str(ROOT)}
+    return os.pathsep.join(here.get(entry, entry) for entry in pythonpath if entry)
+
+
 def run_init_secrets(folder: Path, overrides: dict[str, str] | None = None):
+    """init-secrets with ``folder`` as its ``secrets`` volume (and ``public_volume_of(folder)``
+    as ``model-public-key``), in an environment like the image's."""
+    public = public_volume_of(folder)
+    public.mkdir(exist_ok=True)  # compose creates a named volume before the container starts
     env = received_environment("init-secrets", overrides)
-    env = mapped(env, volume_target("init-secrets", "secrets"), folder)
-    return subprocess.run([sys.executable, str(INIT_SECRETS)], env={**env, "PATH": os.environ[
-        "PATH"]}, capture_output=True, text=True, timeout=60)
+    env = mapped(env, volume_target("init-secrets", SECRETS_VOLUME), folder)
+    env = mapped(env, volume_target("init-secrets", PUBLIC_KEY_VOLUME), public)
+    env.update(PATH=os.environ["PATH"], PYTHONPATH=image_pythonpath())
+    return subprocess.run([sys.executable, str(INIT_SECRETS)], env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +120,27 @@ def first_start(tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def secrets_volume(first_start) -> Path:
     return first_start[0]
+
+
+@pytest.fixture(scope="module")
+def public_volume(first_start) -> Path:
+    return public_volume_of(first_start[0])
+
+
+def key_file(name: str, variable: str, volumes: dict[str, Path]) -> Path:
+    """The host file behind the service ``name``'s ``variable``, through its named volumes."""
+    path = received_environment(name)[variable]
+    for volume, host in volumes.items():
+        with contextlib.suppress(AssertionError):
+            target = volume_target(name, volume)
+            if path.startswith(target.rstrip("/") + "/"):
+                return host / Path(path).relative_to(target)
+    raise AssertionError(f"{name}: {variable}={path} is in none of {sorted(volumes)}")
+
+
+def volume_files(*folders: Path) -> dict[str, bytes]:
+    return {f"{folder.name}/{path.name}": path.read_bytes()
+            for folder in folders for path in folder.iterdir() if path.is_file()}
 
 
 def read_in_airflow(name: str, secrets_volume: Path, tmp_path: Path) -> dict[str, Any]:
@@ -194,11 +244,13 @@ def test_airflow_files_belong_to_the_airflow_user_only(secrets_volume) -> None:
 def test_secrets_are_kept_and_the_password_is_printed_only_on_the_first_start(
         first_start) -> None:
     secrets_volume, first_output = first_start
-    before = {p.name: p.read_text() for p in secrets_volume.iterdir() if p.is_file()}
+    public_volume = public_volume_of(secrets_volume)
+    before = volume_files(secrets_volume, public_volume)
+    assert any(name.endswith(".pem") for name in before), "no key pair was made"
     again = run_init_secrets(secrets_volume)
     assert again.returncode == 0, again.stderr
-    after = {p.name: p.read_text() for p in secrets_volume.iterdir() if p.is_file()}
-    assert after == before
+    after = volume_files(secrets_volume, public_volume)
+    assert after == before  # the key pair too: models signed with it must keep verifying
     password = (secrets_volume / "airflow_admin_password").read_text().strip()
     assert password in first_output
     assert password not in again.stdout + again.stderr
@@ -206,12 +258,114 @@ def test_secrets_are_kept_and_the_password_is_printed_only_on_the_first_start(
 
 def test_a_value_given_in_env_is_used(tmp_path) -> None:
     chosen = "a-password-of-my-own-42"
-    result = run_init_secrets(tmp_path, {"AIRFLOW_ADMIN_PASSWORD": chosen, "MYSQL_USER": "me"})
+    secrets = tmp_path / "secrets"
+    result = run_init_secrets(secrets, {"AIRFLOW_ADMIN_PASSWORD": chosen, "MYSQL_USER": "me"})
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "simple_auth_manager_passwords.json").read_text()) == {
+    assert json.loads((secrets / "simple_auth_manager_passwords.json").read_text()) == {
         "admin": chosen}
-    assert "//me:" in (tmp_path / "connections.json").read_text()
+    assert "//me:" in (secrets / "connections.json").read_text()
     assert chosen not in result.stdout  # the user's own password is not echoed
+
+
+def test_init_secrets_makes_the_key_pair_with_owners_and_modes(secrets_volume,
+                                                               public_volume) -> None:
+    uid = int(received_environment("init-secrets")["AIRFLOW_UID"])
+    private = key_file("init-secrets", "MODEL_SIGNING_KEY_FILE",
+                       {SECRETS_VOLUME: secrets_volume, PUBLIC_KEY_VOLUME: public_volume})
+    public = key_file("init-secrets", "MODEL_PUBLIC_KEY_FILE",
+                      {SECRETS_VOLUME: secrets_volume, PUBLIC_KEY_VOLUME: public_volume})
+    assert private.parent == secrets_volume and public.parent == public_volume
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.stat().st_mode & 0o777 == 0o644
+    assert public_volume.stat().st_mode & 0o777 == 0o755
+    if os.geteuid() == 0:
+        assert private.stat().st_uid == uid
+        assert public.stat().st_uid == 0
+    # A real pair: the public key is the private key's.
+    assert signing.key_id(signing.load_private_key(private).public_key()) == signing.key_id(
+        signing.load_public_key(public))
+    # Nothing but the public key is in the service's volume.
+    assert [path.name for path in public_volume.iterdir()] == [public.name]
+
+
+def test_only_the_key_fingerprint_is_printed(first_start, public_volume) -> None:
+    secrets_volume, output = first_start
+    private = key_file("init-secrets", "MODEL_SIGNING_KEY_FILE",
+                       {SECRETS_VOLUME: secrets_volume, PUBLIC_KEY_VOLUME: public_volume})
+    key = signing.load_private_key(private)
+    assert signing.key_id(key.public_key()) in output
+    assert "KEY-----" not in output
+    pem_body = "".join(private.read_text().splitlines()[1:-1])
+    assert pem_body not in output.replace("\n", "")
+
+
+def test_the_pipeline_signs_what_the_service_verifies(secrets_volume, public_volume) -> None:
+    """The files init-secrets made, found through each reader's own mounts and variables."""
+    from serving.settings import Settings
+
+    volumes = {SECRETS_VOLUME: secrets_volume, PUBLIC_KEY_VOLUME: public_volume}
+    document = {"model": "penguins_rf", "version": "20261202T041500.123456Z", "sha256": "ab"}
+    for name in airflow_services():
+        key = signing.load_private_key(key_file(name, "MODEL_SIGNING_KEY_FILE", volumes))
+        signed = signing.sign(document, key)
+        serving_env = mapped(received_environment("serving"),
+                             volume_target("serving", PUBLIC_KEY_VOLUME), public_volume)
+        public = signing.load_public_key(Settings.from_env(serving_env).public_key_file)
+        signing.verify(signed, public, "the manifest")  # raises unless it verifies
+        with pytest.raises(signing.SignatureError):
+            signing.verify({**signed, "sha256": "cd"}, public, "the manifest")
+    # The CLI in an Airflow container verifies with the same public key.
+    cli = signing.load_public_key(key_file("airflow-scheduler", "MODEL_PUBLIC_KEY_FILE", volumes))
+    assert signing.key_id(cli) == signing.key_id(public)
+
+
+def test_a_missing_or_stale_public_key_is_derived_again(tmp_path) -> None:
+    secrets = tmp_path / "secrets"
+    assert run_init_secrets(secrets).returncode == 0
+    private = secrets / "model_signing_key.pem"
+    public = next(public_volume_of(secrets).iterdir())
+    kept_private, kept_public = private.read_bytes(), public.read_bytes()
+
+    public.unlink()  # e.g. the model-public-key volume was removed on its own
+    result = run_init_secrets(secrets)
+    assert result.returncode == 0, result.stderr
+    assert (private.read_bytes(), public.read_bytes()) == (kept_private, kept_public)
+
+    # Another pair's public key (a volume that outlived its secrets volume) is replaced.
+    other = tmp_path / "other"
+    signing.ensure_key_pair(other / "private.pem", other / "public.pem")
+    public.chmod(0o644)
+    public.write_bytes((other / "public.pem").read_bytes())
+    result = run_init_secrets(secrets)
+    assert result.returncode == 0, result.stderr
+    assert (private.read_bytes(), public.read_bytes()) == (kept_private, kept_public)
+    assert public.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_kept_key_pair_gets_its_modes_back(tmp_path) -> None:
+    secrets = tmp_path / "secrets"
+    assert run_init_secrets(secrets).returncode == 0
+    private = secrets / "model_signing_key.pem"
+    public = next(public_volume_of(secrets).iterdir())
+    kept = private.read_bytes()
+    private.chmod(0o644)  # e.g. restored from a backup, or copied in by hand
+    public.chmod(0o600)
+    result = run_init_secrets(secrets)
+    assert result.returncode == 0, result.stderr
+    assert private.read_bytes() == kept
+    assert (private.stat().st_mode & 0o777, public.stat().st_mode & 0o777) == (0o600, 0o644)
+
+
+def test_an_unreadable_private_key_is_refused_not_replaced(tmp_path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    broken = "not a key, but maybe someone's only copy of one"
+    (secrets / "model_signing_key.pem").write_text(broken)
+    result = run_init_secrets(secrets)
+    assert result.returncode == 1
+    assert "MODEL_SIGNING_KEY_FILE" in result.stderr and broken not in result.stderr
+    assert (secrets / "model_signing_key.pem").read_text() == broken
+    assert list(public_volume_of(secrets).iterdir()) == []
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -222,10 +376,13 @@ def test_a_value_given_in_env_is_used(tmp_path) -> None:
     ("AIRFLOW_JWT_SECRET", "short"),
 ])
 def test_a_placeholder_or_unusable_value_is_refused_by_name(variable, value, tmp_path) -> None:
-    result = run_init_secrets(tmp_path, {variable: value})
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    result = run_init_secrets(secrets, {variable: value})
     assert result.returncode == 1
     assert variable in result.stderr
-    assert list(tmp_path.iterdir()) == [], "nothing may be written when a value is refused"
+    assert list(secrets.iterdir()) == [], "nothing may be written when a value is refused"
+    assert list(public_volume_of(secrets).iterdir()) == [], "nor a key pair"
 
 
 def test_both_halves_agree_on_where_models_are(monkeypatch) -> None:
@@ -238,5 +395,16 @@ def test_both_halves_agree_on_where_models_are(monkeypatch) -> None:
         env = received_environment(name)
         monkeypatch.setenv("MODELS_DIR", env["MODELS_DIR"])
         assert str(models_dir()) == volume_target(name, "./shared_models"), name
-        assert env.get("MODEL_SIGNING_KEY", "") == (serving.signing_key or b"").decode(), name
+
+
+@pytest.mark.parametrize("variables", [{}, {"MODEL_HISTORY": "12"}])
+def test_both_halves_keep_as_many_versions(variables, monkeypatch) -> None:
+    from serving.settings import Settings
+    from serving.store.writer import history_limit
+
+    serving = Settings.from_env(received_environment("serving", variables))
+    assert serving.model_history == int(variables.get("MODEL_HISTORY", 5))
+    for name in airflow_services():
+        monkeypatch.setenv("MODEL_HISTORY", received_environment(name, variables)["MODEL_HISTORY"])
+        assert history_limit() == serving.model_history, name
 

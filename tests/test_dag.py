@@ -41,16 +41,16 @@ def test_the_dag_runs_the_stages_in_order(dag):
     assert dag.schedule is None or str(dag.timetable.summary) == "None"
     assert set(dag.task_ids) == {
         "check_source", "truncate", "load_raw", "preprocess", "select_models", "train",
-        "publish_manifest",
+        "promote",
     }
     downstream = {t.task_id: {d.task_id for d in t.downstream_list} for t in dag.tasks}
     assert downstream["check_source"] == {"truncate", "load_raw"}
     assert downstream["truncate"] == {"load_raw"}
     assert downstream["load_raw"] == {"preprocess"}
     assert downstream["preprocess"] == {"train"}
-    assert downstream["select_models"] == {"train", "publish_manifest"}
-    assert downstream["train"] == {"publish_manifest"}
-    assert dag.get_task("publish_manifest").trigger_rule == "all_done"
+    assert downstream["select_models"] == {"train", "promote"}
+    assert downstream["train"] == {"promote"}
+    assert dag.get_task("promote").trigger_rule == "all_done"
 
 
 def test_training_is_mapped_and_named_after_each_model(dag):
@@ -68,5 +68,7 @@ def test_the_dag_has_tags_retries_one_active_run_and_validated_params(dag):
     assert dag.max_active_runs == 1
     assert all(t.retries >= 1 for t in dag.tasks)
     params = dag.params
-    assert set(params.keys()) == {"models", "test_size", "random_seed", "source_path"}
+    assert set(params.keys()) == {"models", "test_size", "random_seed", "min_accuracy",
+                                  "max_regression", "source_path"}
+    assert (params["min_accuracy"], params["max_regression"]) == (0.9, 0.01)
     assert params["models"] == ["logistic_regression", "random_forest", "svm", "knn", "xgboost"]

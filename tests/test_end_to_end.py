@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -50,7 +51,9 @@ def system(mysql, tmp_path):
     """The whole system, started with the README's no-Docker command; stopped afterwards."""
     home, models, log = tmp_path / "home", tmp_path / "models", tmp_path / "system.log"
     api_port, serving_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    # Not the test setup's key pair either: the launcher makes its own on its first start.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")
+           and k not in ("MODEL_SIGNING_KEY_FILE", "MODEL_PUBLIC_KEY_FILE")}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW_API_PORT=str(api_port),
                SERVING_PORT=str(serving_port), MODELS_DIR=str(models),
                AIRFLOW_CONN_MYSQL_AIRFLOW_CONN=mysql.url, AIRFLOW_PARALLELISM="3")
@@ -137,3 +140,23 @@ def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system, 
             assert answer["species"] == "Gentoo", (name, answer)
             assert answer["model"]["dag_run_id"] == trained_by[name]
             assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6
+        # k-NN's second version went through the gate against its first, on the same rows.
+        versions = client.versions("knn")["versions"]
+        assert [v["state"] for v in versions] == ["promoted", "previous"]
+        assert versions[0]["gate"]["baseline_version"] == versions[1]["version"]
+        first = client.predict(PENGUIN, model="knn", version=versions[1]["version"])
+        assert first["model"]["dag_run_id"] == run_ids[0]
+
+
+def test_the_first_start_makes_a_key_pair_and_the_service_gets_only_the_public_key(system):
+    keys = system["home"] / "model-signing"
+    assert stat.S_IMODE((keys / "private.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((keys / "public.pem").stat().st_mode) == 0o644
+    assert "created the model signing key pair" in system["log"].read_text()
+    serving = [pid for pid in processes_with_environment(f"AIRFLOW_HOME={system['home']}")
+               if b"serving" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    assert serving, "the prediction service's process was not found"
+    for pid in serving:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"MODEL_PUBLIC_KEY_FILE={keys / 'public.pem'}".encode() in environment
+        assert not any(v.startswith(b"MODEL_SIGNING_KEY_FILE=") for v in environment)

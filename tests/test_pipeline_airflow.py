@@ -13,13 +13,15 @@ import pytest
 
 from penguins import contract
 from penguins.database import count_rows, read_table
+from serving.store import signing
+from serving.store.reader import Trust, read_manifest, read_metadata, version_ids
 from tests.data import packaged_rows, write_csv
 from tests.tcp_proxy import tcp_proxy
 
 pytestmark = pytest.mark.airflow
 
 DEFAULT_CONF = {"models": list(contract.MODEL_NAMES), "test_size": 0.25, "random_seed": 42,
-                "source_path": None}
+                "min_accuracy": 0.9, "max_regression": 0.01, "source_path": None}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +58,23 @@ def _task_states(dag_run) -> dict[str, list[str]]:
     return states
 
 
-def _metadata(models_dir: Path) -> dict[str, dict]:
-    return {
-        p.stem: json.loads(p.read_text())
-        for p in models_dir.glob("*.json")
-        if p.name != "manifest.json"
-    }
+def _trust() -> Trust:
+    return Trust(signing.load_public_key(signing.public_key_file()))
+
+
+def _manifest(models_dir: Path):
+    return read_manifest(models_dir, _trust())
+
+
+def _promoted(models_dir: Path) -> dict[str, dict]:
+    """The signed metadata of each model's promoted version, verified as the service does."""
+    return {name: read_metadata(models_dir, name, entry.promoted, _trust()).metadata
+            for name, entry in _manifest(models_dir).models.items() if entry.promoted}
+
+
+def _result(dag_run, task_id: str, key: str = "return_value"):
+    ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
+    return ti.xcom_pull(task_ids=task_id, key=key)
 
 
 def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
@@ -79,28 +92,61 @@ def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
         assert cursor.fetchone() == (0,)
     assert count_rows(db, contract.CLEAN_TABLE) == 333
 
-    metadata = _metadata(tmp_path)
+    metadata = _promoted(tmp_path)
     assert sorted(metadata) == sorted(contract.MODEL_NAMES)
-    assert sorted(p.stem for p in tmp_path.glob("*.pkl")) == sorted(contract.MODEL_NAMES)
     for name, meta in metadata.items():
         assert meta["metrics"]["accuracy"] >= 0.95, name
         assert meta["dag_run_id"] == dag_run.run_id
         assert meta["rows"]["total"] == 333
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["best_model"] in contract.MODEL_NAMES
-    assert manifest["failed"] == {}
-    assert sorted(manifest["models"]) == sorted(contract.MODEL_NAMES)
-    assert not list(tmp_path.glob(".*")), "temporary files were left behind"
+        assert meta["gate"]["promote"] and meta["gate"]["baseline_version"] is None
+        assert version_ids(tmp_path, name) == [meta["version"]]
+    manifest = _manifest(tmp_path)
+    assert manifest.best_model in contract.MODEL_NAMES
+    assert _result(dag_run, "promote")["held_back"] == {}
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".store.lock"], \
+        "temporary files were left behind"
 
     second = run_dag(tmp_path)
     assert second.state == "success"
     assert count_rows(db, contract.RAW_TABLE) == 344
     assert count_rows(db, contract.CLEAN_TABLE) == 333
-    rerun = _metadata(tmp_path)
+    rerun = _promoted(tmp_path)
     assert {n: m["metrics"] for n, m in rerun.items()} == {
         n: m["metrics"] for n, m in metadata.items()
     }
-    assert all(m["dag_run_id"] == second.run_id for m in rerun.values())
+    # The same data and seed: no regression against the first run's versions, on the same rows.
+    for name, meta in rerun.items():
+        assert meta["dag_run_id"] == second.run_id
+        assert meta["gate"]["baseline_version"] == metadata[name]["version"]
+        assert meta["gate"]["baseline_accuracy"] == meta["metrics"]["accuracy"]
+        assert _manifest(tmp_path).models[name].history == (metadata[name]["version"],)
+    assert _manifest(tmp_path).sequence > manifest.sequence
+
+
+def test_a_run_on_corrupted_labels_succeeds_and_holds_its_versions_back(run_dag, tmp_path):
+    """The served versions stay; the run says why in its log, its XCom and the manifest; the
+    next good run promotes."""
+    assert run_dag(tmp_path / "models", models=["logistic_regression"]).state == "success"
+    good = _manifest(tmp_path / "models").models["logistic_regression"].promoted
+    rows = packaged_rows()
+    rows["species"] = rows["species"].sample(frac=1, random_state=0).to_numpy()
+    source = write_csv(tmp_path / "shuffled.csv", rows)
+
+    dag_run = run_dag(tmp_path / "models", models=["logistic_regression"],
+                      source_path=str(source))
+
+    assert dag_run.state == "success", _task_states(dag_run)
+    held = _result(dag_run, "promote")["held_back"]
+    assert "is below min_accuracy 0.9" in held["logistic_regression"]
+    assert _result(dag_run, "promote", "held_back") == held
+    entry = _manifest(tmp_path / "models").models["logistic_regression"]
+    assert entry.promoted == good
+    (candidate,) = entry.held_back
+    assert entry.held_back[candidate] == held["logistic_regression"]
+
+    assert run_dag(tmp_path / "models", models=["logistic_regression"]).state == "success"
+    assert _manifest(tmp_path / "models").models["logistic_regression"].promoted not in (
+        good, candidate)
 
 
 def test_params_from_the_cli_choose_which_models_train(mysql, airflow_db, tmp_path):
@@ -113,12 +159,9 @@ def test_params_from_the_cli_choose_which_models_train(mysql, airflow_db, tmp_pa
     )
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(p.stem for p in tmp_path.glob("*.pkl")) == ["knn", "xgboost"]
-    meta = _metadata(tmp_path)["knn"]
+    meta = _promoted(tmp_path)["knn"]
     assert (meta["test_size"], meta["random_seed"]) == (0.3, 7)
-    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["models"]) == [
-        "knn", "xgboost"
-    ]
+    assert sorted(_manifest(tmp_path).models) == ["knn", "xgboost"]
 
 
 @pytest.mark.parametrize(
@@ -140,7 +183,7 @@ def test_an_invalid_param_fails_the_run_at_once_naming_it(run_dag, tmp_path, con
 
 def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_path):
     assert run_dag(tmp_path, models=["logistic_regression"]).state == "success"
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     bad = tmp_path / "bad.csv"
     bad.write_text("species,island,bill_length_mm\nAdelie,Dream,abc\n")
 
@@ -151,7 +194,7 @@ def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_p
     assert states["check_source"] == ["failed"]
     assert states["truncate"] == ["upstream_failed"]
     assert states["train"] == ["upstream_failed"]
-    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "bad.csv"}
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != bad}
     assert after == before
     # Nothing was emptied: the previous run's rows are still there.
     assert count_rows(db, contract.RAW_TABLE) == 344
@@ -169,7 +212,7 @@ def test_wrong_credentials_fail_the_run_at_once_and_publish_nothing(run_dag, mys
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_model_that_cannot_fit_fails_alone_and_the_manifest_says_why(run_dag, tmp_path):
+def test_a_model_that_cannot_fit_fails_alone_and_the_run_says_why(run_dag, tmp_path):
     # Two penguins per species: with half held out, k-NN has 3 training rows for its 5
     # neighbours and cannot predict, while logistic regression fits.
     rows = packaged_rows().dropna()
@@ -184,11 +227,13 @@ def test_a_model_that_cannot_fit_fails_alone_and_the_manifest_says_why(run_dag, 
     states = {ti.rendered_map_index: ti.state for ti in dag_run.get_task_instances()
               if ti.task_id == "train"}
     assert states == {"logistic_regression": "success", "knn": "failed"}
-    assert sorted(p.name for p in models_dir.glob("*.pkl")) == ["logistic_regression.pkl"]
-    manifest = json.loads((models_dir / "manifest.json").read_text())
-    assert manifest["best_model"] == "logistic_regression"
-    assert list(manifest["failed"]) == ["knn"]
-    assert "n_neighbors" in manifest["failed"]["knn"]
+    promote = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "promote")
+    assert promote.state == "failed"
+    # The model that trained went through the gate; the one that failed has no version at all.
+    assert list(_manifest(models_dir).models) == ["logistic_regression"]
+    assert version_ids(models_dir, "knn") == []
+    error = promote.xcom_pull(task_ids="train", key="error", map_indexes=1)
+    assert "n_neighbors" in error
 
 
 def test_dirty_rows_are_loaded_as_shipped_then_dropped_by_preprocess(run_dag, db, tmp_path):
@@ -226,4 +271,4 @@ def test_a_mysql_that_drops_the_first_connection_is_retried_and_the_run_complete
     assert dag_run.state == "success", _task_states(dag_run)
     truncate = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "truncate")
     assert truncate.try_number == 2, "the first try met the dropped connection and was retried"
-    assert (tmp_path / "logistic_regression.pkl").exists()
+    assert "logistic_regression" in _promoted(tmp_path)

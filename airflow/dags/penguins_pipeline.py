@@ -8,12 +8,16 @@ Loads the Palmer penguins data into MySQL and trains several species classifiers
 2. **truncate** creates `penguins_raw` and `penguins_clean` if they are missing and empties them.
 3. **load_raw** bulk-loads the CSV into `penguins_raw` exactly as it ships (`NA` becomes NULL).
 4. **preprocess** cleans `penguins_raw` into `penguins_clean`.
-5. **train** runs once per chosen model, in parallel, and publishes `<model>.pkl` and its
-   metadata into `MODELS_DIR`, where the prediction service picks it up by itself.
-6. **publish_manifest** records every result and the best model in `manifest.json`.
+5. **train** runs once per chosen model, in parallel: it trains and scores the model, scores
+   the promoted version of it on the same held-out rows, and exports a new signed version into
+   the model store (`MODELS_DIR/<model>/<version>/`) with the promotion gate's decision.
+6. **promote** writes one signed `manifest.json`: the versions that passed the gate are
+   promoted (the prediction service switches to them by itself), the others held back as
+   candidates, with why. A run whose candidates were held back succeeds, and says so.
 
-Only table names and small dicts travel between tasks. Trigger it from the UI; the form's
-Params choose the models, the test size, the seed and, optionally, another CSV.
+Only table names, version ids and small dicts travel between tasks. Trigger it from the UI; the
+form's Params choose the models, the test size, the seed, the gate's thresholds and, optionally,
+another CSV.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from penguins import contract
+from penguins.gate import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_ACCURACY
 
 _PARAMS = {
     "models": Param(
@@ -43,6 +48,16 @@ _PARAMS = {
         42, type="integer", minimum=0, title="Random seed",
         description="Seeds the split and the models: the same seed gives the same metrics.",
     ),
+    "min_accuracy": Param(
+        DEFAULT_MIN_ACCURACY, type="number", minimum=0, maximum=1, title="Minimum accuracy",
+        description="The promotion gate: a new version is promoted only if its held-out "
+                    "accuracy is at least this.",
+    ),
+    "max_regression": Param(
+        DEFAULT_MAX_REGRESSION, type="number", minimum=0, maximum=1, title="Maximum regression",
+        description="The promotion gate: and only if its accuracy is at most this much below "
+                    "the promoted version's, scored on the same held-out rows.",
+    ),
     "source_path": Param(
         None, type=["null", "string"], title="Source CSV",
         description="A CSV with the palmerpenguins columns, inside the source folder "
@@ -52,22 +67,39 @@ _PARAMS = {
 }
 
 
-def _train_and_publish(table: str, model_name: str, context) -> dict:
+def _train_and_export(table: str, model_name: str, context) -> dict:
     from penguins.database import read_table
-    from penguins.publishing import models_dir, publish_model, signing_key
+    from penguins.publishing import export, gate, models_dir, score_promoted
     from penguins.training import train
 
     params = context["params"]
+    key = _signing_key()
     with _mysql_connection() as conn:
         frame = read_table(conn, table)
     trained = train(frame, model_name, params["test_size"], params["random_seed"])
-    metadata = publish_model(
-        trained, models_dir(), run_id=context["run_id"],
+    baseline = score_promoted(models_dir(), trained, key)
+    decision = gate(trained, baseline, min_accuracy=params["min_accuracy"],
+                    max_regression=params["max_regression"])
+    metadata = export(
+        trained, models_dir(), decision=decision, run_id=context["run_id"],
         source=params["source_path"] or str(contract.default_source()),
-        test_size=params["test_size"], seed=params["random_seed"], key=signing_key(),
+        test_size=params["test_size"], seed=params["random_seed"], key=key,
     )
-    print(f"{model_name}: {trained.metrics}, published to {models_dir()}")
-    return {k: metadata[k] for k in ("model_name", "metrics", "sha256")}
+    verdict = "passes the gate" if decision.promote else "HELD BACK by the gate"
+    print(f"{model_name}: {trained.metrics}; exported version {metadata['version']} to "
+          f"{models_dir()}; {verdict}: {decision.reason}")
+    return {"model_name": model_name, "version": metadata["version"],
+            "metrics": trained.metrics, "gate": decision.as_json()}
+
+
+def _signing_key():
+    from penguins.publishing import signing_key
+    from serving.store.layout import StoreError
+
+    try:
+        return signing_key()
+    except StoreError as exc:
+        raise AirflowFailException(str(exc)) from exc  # a missing key will not appear by retrying
 
 
 def _mysql_connection():
@@ -160,9 +192,9 @@ def penguins_pipeline():
         context = get_current_context()
         context["model_name"] = model_name
         try:
-            return _train_and_publish(table, model_name, context)
+            return _train_and_export(table, model_name, context)
         except Exception as exc:
-            # Kept for publish_manifest, which records why this model is missing.
+            # Kept for promote, which records why this model is missing.
             context["ti"].xcom_push(key="error", value=f"{type(exc).__name__}: {exc}")
             if isinstance(exc, ValueError):
                 # The estimator cannot fit these rows: the same data would fail again.
@@ -170,31 +202,37 @@ def penguins_pipeline():
             raise
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
-    def publish_manifest(models: list[str], results: list[dict]) -> str:
-        """Record every result, even when some models failed; then fail the run if any did."""
-        from penguins.publishing import models_dir, write_manifest
+    def promote(models: list[str], results: list[dict]) -> dict:
+        """Promote what passed the gate and hold back the rest, in one signed manifest; then
+        fail the run if a model failed to train."""
+        from penguins.publishing import models_dir, record_run
 
         context = get_current_context()
         results = list(results)
-        published = {r["model_name"] for r in results}
+        trained = {r["model_name"] for r in results}
         errors = {
             name: context["ti"].xcom_pull(task_ids="train", key="error", map_indexes=index)
             for index, name in enumerate(models)
-            if name not in published
+            if name not in trained
         }
         if not results and not any(errors.values()):
-            # Training never started (an earlier task failed): keep the last manifest as it is.
+            # Training never started (an earlier task failed): keep the manifest as it is.
             raise AirflowFailException("no model was trained: an earlier task failed")
         failures = {
             name: error or "the task stopped without recording an error; see its log"
             for name, error in errors.items()
         }
-        manifest = write_manifest(models_dir(), run_id=context["run_id"], results=results,
-                                  failures=failures)
-        print(f"best model: {manifest['best_model']}; failed: {failures or 'none'}")
+        manifest, held = record_run(models_dir(), _signing_key(),
+                                    run_id=context["run_id"], results=results)
+        promoted = sorted(r["model_name"] for r in results if r["model_name"] not in held)
+        print(f"manifest sequence {manifest.sequence}: promoted {', '.join(promoted) or 'none'}; "
+              f"best model {manifest.best_model}")
+        for name, reason in held.items():
+            print(f"{name}: held back, not served: {reason}")
+        context["ti"].xcom_push(key="held_back", value=held)
         if failures:
             raise AirflowFailException(f"models failed to train: {failures}")
-        return manifest["best_model"]
+        return {"best_model": manifest.best_model, "promoted": promoted, "held_back": held}
 
     source = check_source()
     emptied_table = truncate()
@@ -202,7 +240,7 @@ def penguins_pipeline():
     clean_table = preprocess(load_raw(emptied_table, source))
     models = select_models()
     results = train.partial(table=clean_table).expand(model_name=models)
-    publish_manifest(models, results)
+    promote(models, results)
 
 
 penguins_pipeline()

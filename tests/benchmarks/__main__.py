@@ -3,6 +3,7 @@
     uv run python -m tests.benchmarks                    # every available section
     uv run python -m tests.benchmarks loading pipeline   # some of them
     uv run python -m tests.benchmarks --quick loading    # small sizes, to try a change out
+    uv run python -m tests.benchmarks store serving      # the prediction service only
 
 Writes ``benchmarks-results/latest.json`` and ``latest.md`` at the repository root (git-ignored)
 and prints the Markdown. A missed target is reported, never an error: the machines are shared
@@ -32,6 +33,7 @@ SECTIONS = {
     "loading": "tests.benchmarks.loading",
     "pipeline": "tests.benchmarks.pipeline",
     "serving": "tests.benchmarks.serving",
+    "store": "tests.benchmarks.store",
 }
 """Section name -> module, in the order they run by default."""
 

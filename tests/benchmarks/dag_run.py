@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+from serving.store.layout import METADATA_FILE, MODEL_NAME, PICKLE_FILE
+from serving.store.reader import version_ids
 from tests.benchmarks.processes import current_rss_mb, write_result
 
 SAMPLE_SECONDS = 0.05
@@ -67,16 +69,25 @@ def main() -> None:
         runs.append({"state": dag_run.state, "seconds": time.perf_counter() - run_started,
                      "tasks": _tasks(dag_run, sampler)})
 
-    models_dir = Path(os.environ["MODELS_DIR"])
-    metadata = [json.loads(p.read_text()) for p in models_dir.glob("*.json")
-                if p.name != "manifest.json"]
+    newest = _newest_versions(Path(os.environ["MODELS_DIR"]))
+    metadata = [json.loads((folder / METADATA_FILE).read_text()) for folder in newest.values()]
     write_result(args.result, {
         "import_seconds": imported - started,
         "parse_seconds": parsed - imported,
         "runs": runs,
         "clean_rows": metadata[0]["rows"]["total"] if metadata else None,
-        "model_bytes": {p.stem: p.stat().st_size for p in models_dir.glob("*.pkl")},
+        "model_bytes": {name: (folder / PICKLE_FILE).stat().st_size
+                        for name, folder in newest.items()},
     })
+
+
+def _newest_versions(models_dir: Path) -> dict[str, Path]:
+    """Each model's newest version folder in the store (``<model>/<version>/``): the last run's
+    export, whether the gate promoted it or held it back."""
+    models = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(
+        p.name)) if models_dir.is_dir() else []
+    return {name: models_dir / name / versions[-1]
+            for name in models if (versions := version_ids(models_dir, name))}
 
 
 def _tasks(dag_run, sampler: RssSampler) -> list[dict]:

@@ -1,16 +1,18 @@
 """Serving: requests/s and latency of the prediction service, beside a ceiling on the same server.
 
-Five freshly trained models are published into a scratch ``MODELS_DIR``; one uvicorn worker
-(``--no-access-log``) serves them pinned to one core, and ``wrk`` loads it from another core over
-loopback, with one thread and 1 or 8 connections, each run a few seconds long. The ceiling,
-``POST /benchmark/ceiling`` (on only with ``SERVING_BENCHMARK_ENDPOINTS=1``), validates the same
-penguin as ``POST /predict/{model}`` and answers a fixed prediction: what the framework alone
-allows. The endpoints take turns, round after round, and each measure keeps its best round, so
-that a busy spell on this shared machine hits them all alike and is then left out.
+Five freshly trained models are published into a scratch store by the pipeline's own code
+(``penguins.publishing``, signed with the run's key pair); ``python -m serving`` (one uvicorn
+worker behind the front door, no access log) serves them pinned to one core, and ``wrk`` loads
+it from another core over loopback, with one thread and 1 or 8 connections, each run a few
+seconds long. The ceiling, ``POST /benchmark/ceiling`` (on only with
+``SERVING_BENCHMARK_ENDPOINTS=1``), validates the same penguin as ``POST /predict/{model}`` and
+answers a fixed prediction: what the framework alone allows. The endpoints take turns, round
+after round, and each measure keeps its best round, so that a busy spell on this shared machine
+hits them all alike and is then left out.
 
-The same is measured with ``SERVING_FAST_PREDICTORS=0`` (every model called as a scikit-learn
-pipeline on a one-row DataFrame) to show what the compiled predictors bring; and batches of
-1,000 penguins per request (``POST /predict-batch/{model}``) in rows/s.
+The service always answers with the compiled NumPy predictors that its isolated loader built
+(there is no scikit-learn path in it any more). Also measured: batches of 1,000 penguins per
+request (``POST /predict-batch/{model}``), in rows/s.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from pathlib import Path
 import pandas as pd
 import requests
 
-from penguins import cleaning, contract, publishing, training
+from penguins import contract
 from tests.benchmarks.section import Context, SectionResult, Table, Target, progress
+from tests.benchmarks.store import publish_models, train_models
 from tests.serving.conftest import PENGUIN, LiveService, run_uvicorn, wait_until
 
 CEILING = "/benchmark/ceiling"
@@ -77,49 +80,30 @@ def run(context: Context) -> SectionResult:
     server_cpu, load_cpu = cores[:2]
     folder = context.workdir / "serving"
     models_dir = folder / "models"
-    clean = _publish_models(models_dir)
+    trained, clean = train_models()
+    publish_models(models_dir, context.signing_key, trained)
     bodies = _write_scripts(folder, clean)
 
-    runs: dict[tuple[str, str, int], list[Run]] = {}
-    batch: dict[tuple[str, str], Run] = {}
-    served_by: dict[str, dict[str, str]] = {}
-    for path, fast in (("compiled", "1"), ("pipeline", "0")):
-        log = folder / f"uvicorn-{path}.log"
-        with _service(models_dir, log, server_cpu, fast) as service:
-            served_by[path] = _predictors(log)
-            endpoints = [CEILING, *(f"/predict/{name}" for name in contract.MODEL_NAMES)]
-            rounds = scale.rounds if path == "compiled" else 1
-            for turn in range(rounds):
-                for connections in CONNECTIONS:
-                    for endpoint in endpoints:
-                        progress(f"serving ({path}): {endpoint}, {connections} connection(s), "
-                                 f"round {turn + 1} of {rounds}")
-                        measured = _wrk(service.url + endpoint, bodies["one"], connections,
-                                        scale.seconds, load_cpu)
-                        runs.setdefault((path, endpoint, connections), []).append(measured)
-            for name in contract.MODEL_NAMES:
-                progress(f"serving ({path}): batches of {BATCH_ROWS:,} for {name}")
-                batch[(path, name)] = _wrk(f"{service.url}/predict-batch/{name}", bodies["batch"],
-                                           1, scale.seconds, load_cpu)
+    runs: dict[tuple[str, int], list[Run]] = {}
+    batch: dict[str, Run] = {}
+    log = folder / "uvicorn.log"
+    with _service(models_dir, log, server_cpu) as service:
+        served_by = _predictors(log)
+        endpoints = [CEILING, *(f"/predict/{name}" for name in contract.MODEL_NAMES)]
+        for turn in range(scale.rounds):
+            for connections in CONNECTIONS:
+                for endpoint in endpoints:
+                    progress(f"serving: {endpoint}, {connections} connection(s), "
+                             f"round {turn + 1} of {scale.rounds}")
+                    measured = _wrk(service.url + endpoint, bodies["one"], connections,
+                                    scale.seconds, load_cpu)
+                    runs.setdefault((endpoint, connections), []).append(measured)
+        for name in contract.MODEL_NAMES:
+            progress(f"serving: batches of {BATCH_ROWS:,} for {name}")
+            batch[name] = _wrk(f"{service.url}/predict-batch/{name}", bodies["batch"], 1,
+                               scale.seconds, load_cpu)
     single = {key: _best(measured) for key, measured in runs.items()}
     return _result(single, runs, batch, served_by, scale, (server_cpu, load_cpu))
-
-
-def _publish_models(folder: Path) -> pd.DataFrame:
-    """Train every model on the packaged data and publish it, as the serving tests' fixture does;
-    return the clean rows."""
-    progress("serving: training and publishing the five models")
-    raw = pd.read_csv(contract.default_source())
-    raw.insert(0, "source_row", range(1, len(raw) + 1))
-    clean, _ = cleaning.clean(raw)
-    results = [
-        publishing.publish_model(training.train(clean, name, 0.2, 42), folder,
-                                 run_id="manual__benchmark", source="palmerpenguins",
-                                 test_size=0.2, seed=42, key=None)
-        for name in contract.MODEL_NAMES
-    ]
-    publishing.write_manifest(folder, run_id="manual__benchmark", results=results, failures={})
-    return clean
 
 
 def _write_scripts(folder: Path, clean: pd.DataFrame) -> dict[str, Path]:
@@ -138,9 +122,9 @@ def _write_scripts(folder: Path, clean: pd.DataFrame) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def _service(models_dir: Path, log: Path, cpu: int, fast: str) -> Iterator[LiveService]:
+def _service(models_dir: Path, log: Path, cpu: int) -> Iterator[LiveService]:
     with run_uvicorn(models_dir, log, cpu=cpu, access_log=False,
-                     SERVING_BENCHMARK_ENDPOINTS="1", SERVING_FAST_PREDICTORS=fast) as service:
+                     SERVING_BENCHMARK_ENDPOINTS="1") as service:
         wait_until(lambda: len(_served(service)) == len(contract.MODEL_NAMES), timeout=60)
         for name in contract.MODEL_NAMES:  # Warm up every path once before timing it.
             for endpoint in (CEILING, f"/predict/{name}"):
@@ -155,13 +139,17 @@ def _served(service: LiveService) -> list[str]:
 
 
 def _predictors(log: Path) -> dict[str, str]:
-    """What answers for each model, from the registry's log lines ("... with a compiled X")."""
+    """What answers for each model, from the registry's log lines ("model X version V loaded:
+    a compiled KIND (trained ...")."""
     lines = log.read_text(errors="replace").splitlines()
     found = {}
     for name in contract.MODEL_NAMES:
-        said = [line for line in lines if f"model {name}: serving version" in line]
-        found[name] = said[-1].rpartition(" with ")[2] if said else "unknown"
+        said = [m for line in lines if (m := _LOADED.search(line)) and m["model"] == name]
+        found[name] = said[-1]["kind"] if said else "unknown"
     return found
+
+
+_LOADED = re.compile(r"model (?P<model>\S+) version \S+ loaded: a compiled (?P<kind>.+?) \(")
 
 
 _REQUESTS_PER_S = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
@@ -172,7 +160,7 @@ _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def _wrk(url: str, script: Path, connections: int, seconds: int, cpu: int) -> Run:
-    # A long timeout: the pipeline path takes most of a second per request at 8 connections.
+    # A long timeout, so that a stalled answer shows in the latencies rather than as an error.
     command = ["taskset", "--cpu-list", str(cpu), "wrk", "-t1", f"-c{connections}",
                f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", str(script), url]
     output = subprocess.run(command, capture_output=True, text=True, check=True,
@@ -193,83 +181,75 @@ def _best(runs: list[Run]) -> Run:
                sum(r.errors for r in runs))
 
 
-def _result(single: dict[tuple[str, str, int], Run], runs: dict[tuple[str, str, int], list[Run]],
-            batch: dict[tuple[str, str], Run], served_by: dict[str, dict[str, str]], scale: Scale,
+def _result(single: dict[tuple[str, int], Run], runs: dict[tuple[str, int], list[Run]],
+            batch: dict[str, Run], served_by: dict[str, str], scale: Scale,
             cores: tuple[int, int]) -> SectionResult:
     table = Table(
         f"Single predictions, POST /predict/{{model}}: one uvicorn worker on core {cores[0]}, "
         f"wrk on core {cores[1]}",
-        ["model", "predictor", "connections", "requests/s", "p50 ms", "p99 ms", "vs ceiling",
-         "vs pipeline"], [],
+        ["model", "predictor", "connections", "requests/s", "p50 ms", "p99 ms", "vs ceiling"], [],
         notes=[
-            f"Each compiled row is the best of {scale.rounds} runs of {scale.seconds} s (the "
-            "endpoints take turns), each measure on its own; the pipeline rows had one run.",
+            f"Each row is the best of {scale.rounds} runs of {scale.seconds} s (the endpoints "
+            "take turns), each measure on its own.",
             "ceiling: POST /benchmark/ceiling, the same strictly validated penguin and a fixed "
             "answer, no model; vs ceiling compares with the ceiling of the same server and "
             "concurrency.",
-            "compiled: " + ", ".join(f"{n} by {p}" for n, p in served_by["compiled"].items()),
+            "predictor: the compiled predictor the isolated loader built, from the service's "
+            "log.",
         ],
     )
-    for path in ("compiled", "pipeline"):
-        for connections in CONNECTIONS:
-            ceiling = single[(path, CEILING, connections)]
-            for endpoint in (CEILING, *(f"/predict/{n}" for n in contract.MODEL_NAMES)):
-                measured = single[(path, endpoint, connections)]
-                name = "ceiling" if endpoint == CEILING else endpoint.rpartition("/")[2]
-                naive = single[("pipeline", endpoint, connections)]
-                table.rows.append([
-                    name, path if endpoint != CEILING else "-", connections,
-                    round(measured.requests_per_s), measured.p50_ms, measured.p99_ms,
-                    f"{measured.requests_per_s / ceiling.requests_per_s:.0%}",
-                    f"{measured.requests_per_s / naive.requests_per_s:.1f}x"
-                    if path == "compiled" and endpoint != CEILING else "",
-                ])
+    for connections in CONNECTIONS:
+        ceiling = single[(CEILING, connections)]
+        for endpoint in (CEILING, *(f"/predict/{n}" for n in contract.MODEL_NAMES)):
+            measured = single[(endpoint, connections)]
+            name = "ceiling" if endpoint == CEILING else endpoint.rpartition("/")[2]
+            table.rows.append([
+                name, "-" if endpoint == CEILING else served_by[name], connections,
+                round(measured.requests_per_s), measured.p50_ms, measured.p99_ms,
+                f"{measured.requests_per_s / ceiling.requests_per_s:.0%}",
+            ])
     batches = Table(
         f"Batches of {BATCH_ROWS:,} penguins, POST /predict-batch/{{model}}, one connection",
         ["model", "predictor", "requests/s", "rows/s", "p50 ms", "p99 ms"],
-        [[name, path, batch[(path, name)].requests_per_s,
-          round(batch[(path, name)].requests_per_s * BATCH_ROWS), batch[(path, name)].p50_ms,
-          batch[(path, name)].p99_ms]
-         for path in ("compiled", "pipeline") for name in contract.MODEL_NAMES],
+        [[name, served_by[name], batch[name].requests_per_s,
+          round(batch[name].requests_per_s * BATCH_ROWS), batch[name].p50_ms, batch[name].p99_ms]
+         for name in contract.MODEL_NAMES],
     )
-    errors = {path: sum(r.errors for (p, *_), r in (*single.items(), *batch.items()) if p == path)
-              for path in ("compiled", "pipeline")}
-    for path, count in errors.items():
-        if count:
-            table.notes.append(f"{count} answers on the {path} server were errors (non-2xx, or "
-                               "socket errors): its numbers are not to be trusted")
-    return SectionResult("serving", [table, batches], _targets(single, batch, errors["compiled"]), {
-        "single": [{"predictor": p, "endpoint": e, "connections": c,
-                    "best": asdict(single[(p, e, c)]), "runs": [asdict(r) for r in measured]}
-                   for (p, e, c), measured in runs.items()],
-        "batch": [{"predictor": p, "model": m, "rows": BATCH_ROWS, **asdict(r)}
-                  for (p, m), r in batch.items()],
+    errors = sum(r.errors for r in (*single.values(), *batch.values()))
+    if errors:
+        table.notes.append(f"{errors} answers were errors (non-2xx, or socket errors): these "
+                           "numbers are not to be trusted")
+    return SectionResult("serving", [table, batches], _targets(single, batch, errors), {
+        "single": [{"predictor": "compiled", "endpoint": e, "connections": c,
+                    "best": asdict(single[(e, c)]), "runs": [asdict(r) for r in measured]}
+                   for (e, c), measured in runs.items()],
+        "batch": [{"predictor": "compiled", "model": m, "rows": BATCH_ROWS, **asdict(r)}
+                  for m, r in batch.items()],
         "served_by": served_by, "seconds_per_run": scale.seconds, "rounds": scale.rounds,
         "cores": {"service": cores[0], "load generator": cores[1]},
     })
 
 
-def _targets(single: dict[tuple[str, str, int], Run], batch: dict[tuple[str, str], Run],
+def _targets(single: dict[tuple[str, int], Run], batch: dict[str, Run],
              errors: int) -> list[Target]:
     targets = []
     for connections in CONNECTIONS:
-        ceiling = single[("compiled", CEILING, connections)].requests_per_s
+        ceiling = single[(CEILING, connections)].requests_per_s
         for name in contract.MODEL_NAMES:
             wanted = FOREST_SHARE_TARGET if name == "random_forest" else SINGLE_SHARE_TARGET
-            share = single[("compiled", f"/predict/{name}", connections)].requests_per_s / ceiling
+            share = single[(f"/predict/{name}", connections)].requests_per_s / ceiling
             targets.append(Target(
                 f"{name} requests/s vs ceiling, {connections} connection(s)", f">= {wanted:.0%}",
                 f"{share:.0%}", share >= wanted and not errors,
             ))
-    slowest = max(contract.MODEL_NAMES,
-                  key=lambda n: single[("compiled", f"/predict/{n}", 8)].p99_ms)
-    p99 = single[("compiled", f"/predict/{slowest}", 8)].p99_ms
-    ceiling_p99 = single[("compiled", CEILING, 8)].p99_ms
+    slowest = max(contract.MODEL_NAMES, key=lambda n: single[(f"/predict/{n}", 8)].p99_ms)
+    p99 = single[(f"/predict/{slowest}", 8)].p99_ms
+    ceiling_p99 = single[(CEILING, 8)].p99_ms
     targets.append(Target("p99 latency at 8 connections, every model",
                            f"< {P99_TARGET_MS:.0f} ms",
                            f"{p99:.1f} ms ({slowest}; the ceiling's {ceiling_p99:.1f} ms)",
                            p99 < P99_TARGET_MS and not errors))
-    rows_per_s = batch[("compiled", "logistic_regression")].requests_per_s * BATCH_ROWS
+    rows_per_s = batch["logistic_regression"].requests_per_s * BATCH_ROWS
     targets.append(Target(f"logistic_regression batch rows/s, {BATCH_ROWS:,} per request",
                           f">= {BATCH_TARGET_ROWS_PER_S:,}", f"{rows_per_s:,.0f}",
                           rows_per_s >= BATCH_TARGET_ROWS_PER_S and not errors))

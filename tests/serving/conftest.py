@@ -1,15 +1,13 @@
 """Fixtures for the prediction service: real models, published by the pipeline's own code.
 
 The models are trained once per session on the palmerpenguins CSV (no MySQL, no Airflow) and
-published with ``penguins.publishing``, so every test also checks that what the pipeline
-publishes, the service accepts.
+published into a store with ``penguins.publishing`` and the test setup's key pair, so every test
+also checks that what the pipeline publishes, the service accepts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -29,12 +27,16 @@ from litestar.testing import TestClient
 from penguins import cleaning, contract, publishing, training
 from serving.app import create_app
 from serving.settings import Settings
+from serving.store import signing, writer
+from serving.store.documents import ModelEntry
 
 REPO = Path(__file__).resolve().parents[2]
-SIGNING_KEY = b"test-signing-key"
 RUN_ID = "manual__serving_tests"
 FAST_RELOAD = 0.05
 """The registry's polling interval in tests that wait for a reload (the default is 0.2 s)."""
+PRIVATE_KEY_FILE = Path(os.environ["MODEL_SIGNING_KEY_FILE"])
+PUBLIC_KEY_FILE = Path(os.environ["MODEL_PUBLIC_KEY_FILE"])
+"""The test setup's key pair (``tests/conftest.py``)."""
 
 PENGUIN: dict[str, Any] = {
     "island": "Biscoe", "bill_length_mm": 39.1, "bill_depth_mm": 18.7,
@@ -43,14 +45,36 @@ PENGUIN: dict[str, Any] = {
 """A valid request body: the first penguin of the data set (an Adelie), moved to Biscoe."""
 
 
+def private_key():
+    return signing.load_private_key(PRIVATE_KEY_FILE)
+
+
 @dataclass(frozen=True)
 class Published:
-    """The session's models, trained once and published unsigned and signed."""
+    """The session's models, trained once and published through the pipeline's own code."""
 
     trained: dict[str, training.TrainedModel]
     clean: pd.DataFrame
-    unsigned: Path
-    signed: Path
+    store: Path
+    """A store in which each model has one version, promoted."""
+    versions: dict[str, str]
+    """Each model's promoted version in ``store``."""
+
+
+def publish(directory: Path, trained: training.TrainedModel, *, run_id: str = RUN_ID,
+            min_accuracy: float = 0.9, max_regression: float = 0.01) -> dict[str, Any]:
+    """Export ``trained`` into the store and run it through the gate, as the DAG's tasks do;
+    return the training task's result (model_name, version, metrics, gate)."""
+    key = private_key()
+    baseline = publishing.score_promoted(directory, trained, key)
+    decision = publishing.gate(trained, baseline, min_accuracy=min_accuracy,
+                               max_regression=max_regression)
+    metadata = publishing.export(trained, directory, decision=decision, run_id=run_id,
+                                 source="palmerpenguins", test_size=0.2, seed=42, key=key)
+    result = {"model_name": trained.model_name, "version": metadata["version"],
+              "metrics": trained.metrics, "gate": decision.as_json()}
+    publishing.record_run(directory, key, run_id=run_id, results=[result])
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -59,28 +83,15 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     raw.insert(0, "source_row", range(1, len(raw) + 1))
     clean, _ = cleaning.clean(raw)
     trained = {name: training.train(clean, name, 0.2, 42) for name in contract.MODEL_NAMES}
-    folders = {}
-    for label, key in (("unsigned", None), ("signed", SIGNING_KEY)):
-        folder = tmp_path_factory.mktemp(f"published-{label}")
-        results = [
-            publishing.publish_model(model, folder, run_id=RUN_ID, source="palmerpenguins",
-                                     test_size=0.2, seed=42, key=key)
-            for model in trained.values()
-        ]
-        publishing.write_manifest(folder, run_id=RUN_ID, results=results, failures={})
-        folders[label] = folder
-    return Published(trained, clean, folders["unsigned"], folders["signed"])
+    store = tmp_path_factory.mktemp("published") / "models"
+    versions = {name: publish(store, model)["version"] for name, model in trained.items()}
+    return Published(trained, clean, store, versions)
 
 
 @pytest.fixture
 def models_dir(published: Published, tmp_path: Path) -> Path:
-    """A test's own copy of the unsigned models, free to change."""
-    return Path(shutil.copytree(published.unsigned, tmp_path / "models"))
-
-
-@pytest.fixture
-def signed_models_dir(published: Published, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(published.signed, tmp_path / "signed-models"))
+    """A test's own copy of the published store, free to change."""
+    return Path(shutil.copytree(published.store, tmp_path / "models"))
 
 
 @pytest.fixture
@@ -90,6 +101,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
 
         def make(directory: Path, **settings: Any) -> TestClient:
             settings.setdefault("reload_interval_seconds", FAST_RELOAD)
+            settings.setdefault("public_key_file", PUBLIC_KEY_FILE)
             app = create_app(Settings(models_dir=directory, **settings))
             return stack.enter_context(TestClient(app))
 
@@ -101,7 +113,7 @@ def client(make_client: Callable[..., TestClient], models_dir: Path) -> TestClie
     return make_client(models_dir)
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -112,38 +124,30 @@ def wait_until(condition: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
-def publish_raw(directory: Path, name: str, payload: bytes, *, key: bytes | None = None,
-                **overrides: Any) -> dict[str, Any]:
-    """Publish ``payload`` as the pickle of ``name``, with metadata that matches it.
+def export_raw(directory: Path, name: str, payload: bytes, *, key: Any = None,
+               **overrides: Any) -> str:
+    """Export ``payload`` as a new version of ``name``, signed (by the test setup's key unless
+    ``key``), with the metadata of a real version and ``overrides``: this is how tests make the
+    versions an insider with the private key could. Returns the version id."""
+    fields = {
+        "classes": list(contract.SPECIES), "metrics": {"accuracy": 0.99, "f1_macro": 0.99},
+        "versions": publishing.library_versions(), "dag_run_id": RUN_ID,
+        "trained_at": "2026-01-01T00:00:00+00:00", **overrides,
+    }
+    return writer.export_version(directory, name, payload, fields, key or private_key())["version"]
 
-    The metadata is a real one's with a correct digest and size (and signature, with ``key``),
-    then ``overrides`` applied: this is how tests publish files the pipeline never would.
-    """
-    template = directory / f"{name}.json"
-    metadata = json.loads(template.read_text()) if template.exists() else {}
-    metadata.update(
-        format_version=publishing.FORMAT_VERSION, model_name=name, pickle_file=f"{name}.pkl",
-        sha256=hashlib.sha256(payload).hexdigest(), size_bytes=len(payload),
-        classes=list(contract.SPECIES), metrics={"accuracy": 0.5, "f1_macro": 0.5},
-        versions=publishing.library_versions(), signature=None,
+
+def promote(directory: Path, name: str, version: str) -> None:
+    """Promote ``version`` of ``name``, as ``python -m serving.store promote`` does."""
+    writer.change_manifest(
+        directory, private_key(),
+        lambda m: {**m.models, name: writer.promoted(m.models.get(name, ModelEntry()), version)},
+        written_by="tests",
     )
-    metadata.update(overrides)
-    if key is not None:
-        metadata["signature"] = publishing.sign(metadata, key)
-    publishing.write_atomically(directory / f"{name}.pkl", payload)
-    publishing.write_atomically(directory / f"{name}.json", (json.dumps(metadata) + "\n").encode())
-    return metadata
 
 
-def copy_model(source: Path, target: Path, name: str) -> None:
-    """Publish ``name`` from ``source`` into ``target`` as the pipeline does: pickle, then JSON."""
-    for suffix in (".pkl", ".json"):
-        data = (source / f"{name}{suffix}").read_bytes()
-        publishing.write_atomically(target / f"{name}{suffix}", data)
-
-
-def version_of(client: TestClient, name: str) -> str | None:
-    """The version of ``name`` that /models/{name} reports as served, or None."""
+def served_version(client: TestClient, name: str) -> str | None:
+    """The version of ``name`` that /models/{name} reports as answering, or None."""
     response = client.get(f"/models/{name}")
     if response.status_code != 200 or not response.json()["serving"]:
         return None
@@ -174,7 +178,7 @@ def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
     the benchmark does.
     """
     port = free_port()
-    environment = {**os.environ, "MODELS_DIR": str(models_dir), "MODEL_SIGNING_KEY": "",
+    environment = {**os.environ, "MODELS_DIR": str(models_dir),
                    "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port),
                    "SERVING_ACCESS_LOG": "1" if access_log else "0", **env}
     command = [sys.executable, "-m", "serving"]
@@ -212,6 +216,6 @@ def live_service(published: Published, tmp_path_factory: pytest.TempPathFactory
     """One real service for the session (default polling interval). A test that changes its
     models puts them back (see ``test_live.reloading_service``)."""
     folder = tmp_path_factory.mktemp("live")
-    models = Path(shutil.copytree(published.unsigned, folder / "models"))
+    models = Path(shutil.copytree(published.store, folder / "models"))
     with run_uvicorn(models, folder / "uvicorn.log") as service:
         yield service

@@ -10,7 +10,7 @@ import pytest
 
 from penguins import contract
 from serving.settings import Settings
-from tests.serving.conftest import PENGUIN, RUN_ID, publish_raw, wait_until
+from tests.serving.conftest import PENGUIN, PUBLIC_KEY_FILE, RUN_ID, export_raw, wait_until
 
 
 def test_health_answers_without_models(make_client, tmp_path):
@@ -31,8 +31,9 @@ def test_without_a_model_the_service_says_the_pipeline_has_not_published(
     client = make_client(tmp_path)
     response = client.request(method, path, json=body)
     assert response.status_code == 503
-    assert "pipeline has not published a model" in response.json()["detail"]
-    assert client.get("/models").json() == {"best_model": None, "models": []}
+    assert "pipeline has not promoted a model" in response.json()["detail"]
+    assert client.get("/models").json() == {"best_model": None, "models": [],
+                                            "store_problem": None}
 
 
 def test_ready_counts_the_loaded_models(client):
@@ -43,7 +44,7 @@ def test_ready_counts_the_loaded_models(client):
 
 def test_models_lists_every_published_model_with_its_metadata(client, published):
     listing = client.get("/models").json()
-    manifest_best = (published.unsigned / "manifest.json").read_text()
+    manifest_best = (published.store / "manifest.json").read_text()
     assert f'"best_model": "{listing["best_model"]}"' in manifest_best
     assert [m["name"] for m in listing["models"]] == sorted(contract.MODEL_NAMES)
     for info in listing["models"]:
@@ -54,9 +55,9 @@ def test_models_lists_every_published_model_with_its_metadata(client, published)
         assert info["metrics"] == trained.metrics
         assert info["library_versions"]["scikit-learn"]
         assert info["version"]["dag_run_id"] == RUN_ID
-        assert re.fullmatch(r"[0-9a-f]{12}", info["version"]["version"])
-        assert info["version"]["sha256"].startswith(info["version"]["version"])
-        assert info["loaded_at"] and info["load_error"] is None
+        assert info["version"]["version"] == info["promoted"] == published.versions[info["name"]]
+        assert re.fullmatch(r"[0-9a-f]{64}", info["version"]["sha256"])
+        assert info["loaded_at"] and info["problem"] is None
 
 
 def test_one_model(client):
@@ -80,11 +81,9 @@ def test_predict_without_a_name_uses_the_best_model(client):
     assert client.post("/predict", json=PENGUIN).json()["model"]["name"] == best
 
 
-def test_without_the_manifest_the_best_is_the_most_accurate(make_client, models_dir):
-    (models_dir / "manifest.json").unlink()
+def test_the_best_model_is_the_most_accurate_of_those_answering(make_client, models_dir):
     for name in ("random_forest", "svm", "xgboost"):  # the three that score 1.0 on this split
-        for suffix in (".pkl", ".json"):
-            (models_dir / f"{name}{suffix}").unlink()
+        shutil.rmtree(models_dir / name)
     client = make_client(models_dir)
     assert client.get("/models").json()["best_model"] == "logistic_regression"
 
@@ -114,28 +113,105 @@ def test_the_batch_limit_comes_from_the_settings(make_client, models_dir):
         "maxItems"] == 3
 
 
-def test_a_signed_model_is_served_when_the_service_has_the_key(make_client, signed_models_dir):
-    client = make_client(signed_models_dir, signing_key=b"test-signing-key")
-    assert client.get("/ready").status_code == 200
-    assert all(m["serving"] for m in client.get("/models").json()["models"])
+def test_without_the_public_key_nothing_is_served_and_the_reason_is_given(
+        make_client, models_dir, tmp_path):
+    client = make_client(models_dir, public_key_file=tmp_path / "missing.pem")
+    ready = client.get("/ready")
+    assert ready.status_code == 503
+    assert "no public key file" in ready.json()["detail"]
+    assert client.post("/predict", json=PENGUIN).status_code == 503
 
 
-def test_with_a_key_unsigned_models_are_refused_before_unpickling(make_client, models_dir):
-    client = make_client(models_dir, signing_key=b"test-signing-key")
+def test_with_another_public_key_every_version_is_refused(make_client, models_dir, tmp_path):
+    from serving.store.signing import ensure_key_pair
+
+    ensure_key_pair(tmp_path / "other.pem", tmp_path / "other.pub")
+    client = make_client(models_dir, public_key_file=tmp_path / "other.pub")
     assert client.get("/ready").status_code == 503
-    models = client.get("/models").json()["models"]
-    assert len(models) == len(contract.MODEL_NAMES)
-    for info in models:
-        assert info["serving"] is False
-        assert "is not signed" in info["load_error"]["message"]
-    refused = client.post("/predict/svm", json=PENGUIN)
-    assert refused.status_code == 503
+    assert "manifest.json refused: manifest.json is signed by key" in \
+        client.get("/ready").json()["detail"]
+    assert "manifest.json is signed by key" in client.get("/models").json()["store_problem"]
 
 
-def test_with_another_key_signed_models_are_refused(make_client, signed_models_dir):
-    client = make_client(signed_models_dir, signing_key=b"another-key")
-    for info in client.get("/models").json()["models"]:
-        assert "signature that does not match" in info["load_error"]["message"]
+def test_unsigned_versions_are_served_only_with_the_development_switch(
+        make_client, models_dir, published):
+    payload = (models_dir / "knn" / published.versions["knn"] / "model.pkl").read_bytes()
+    unsigned = {"format_version": 2, "model_name": "knn", "classes": list(contract.SPECIES),
+                "metrics": {"accuracy": 1.0, "f1_macro": 1.0}}
+    version = _export_unsigned(models_dir, "knn", payload, unsigned)
+    strict = make_client(models_dir)
+    wait_until(lambda: _state(strict, "knn", version) == "refused")
+    assert "is not signed" in _versions(strict, "knn")[version]["reason"]
+    relaxed = make_client(models_dir, allow_unsigned=True)
+    wait_until(lambda: _versions(relaxed, "knn")[version]["loaded"])
+
+
+def _export_unsigned(directory: Path, name: str, payload: bytes, fields: dict) -> str:
+    """A version folder as somebody exporting by hand without a key would write it."""
+    import hashlib
+    import json
+
+    from serving.store.layout import new_version_id
+
+    version = new_version_id()
+    folder = directory / name / version
+    folder.mkdir()
+    (folder / "model.pkl").write_bytes(payload)
+    metadata = {**fields, "version": version, "pickle_sha256": hashlib.sha256(payload).hexdigest(),
+                "pickle_bytes": len(payload), "versions": _library_versions()}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    return version
+
+
+def _library_versions() -> dict:
+    from penguins.publishing import library_versions
+
+    return library_versions()
+
+
+def _versions(client, name: str) -> dict:
+    listing = client.get(f"/models/{name}/versions").json()
+    return {v["version"]: v for v in listing["versions"]}
+
+
+def _state(client, name: str, version: str) -> str | None:
+    return _versions(client, name).get(version, {}).get("state")
+
+
+def test_versions_lists_each_kept_version_with_its_state(client, models_dir, published):
+    good = published.trained["svm"]
+    from tests.serving.conftest import publish
+
+    newer = publish(models_dir, good)["version"]
+    junk = export_raw(models_dir, "svm", b"not a pickle")
+    wait_until(lambda: _state(client, "svm", junk) == "refused"
+               and _state(client, "svm", newer) == "promoted")
+    versions = _versions(client, "svm")
+    assert list(versions) == sorted(versions, reverse=True)  # newest first
+    assert versions[published.versions["svm"]]["state"] == "previous"
+    assert versions[newer]["gate"]["promote"] is True
+    assert versions[newer]["metrics"] == good.metrics
+    assert versions[newer]["dag_run_id"] == RUN_ID and versions[newer]["trained_at"]
+    assert "could not be unpickled" in versions[junk]["reason"]
+    assert client.get("/models/svm").json()["version"]["version"] == newer
+
+
+def test_a_kept_version_answers_when_asked_for(client, models_dir, published):
+    from tests.serving.conftest import publish
+
+    old = published.versions["knn"]
+    new = publish(models_dir, published.trained["knn"])["version"]
+    wait_until(lambda: _state(client, "knn", new) == "promoted")
+    assert client.post("/predict/knn", json=PENGUIN).json()["model"]["version"] == new
+    answer = client.post(f"/predict/knn?version={old}", json=PENGUIN)
+    assert answer.status_code == 200 and answer.json()["model"]["version"] == old
+    batch = client.post(f"/predict-batch/knn?version={old}", json={"penguins": [PENGUIN]})
+    assert batch.json()["model"]["version"] == old
+    missing = client.post("/predict/knn?version=20000101T000000.000000Z", json=PENGUIN)
+    assert missing.status_code == 404
+    assert old in missing.json()["detail"] and new in missing.json()["detail"]
+    malformed = client.post("/predict/knn?version=../../etc", json=PENGUIN)
+    assert malformed.status_code == 400 and "version" in malformed.text
 
 
 def test_the_openapi_document_describes_the_request_exactly(client):
@@ -151,7 +227,8 @@ def test_the_openapi_document_describes_the_request_exactly(client):
         assert (penguin["properties"][name]["minimum"], penguin["properties"][name]["maximum"]) \
             == (low, high)
     assert set(schema["paths"]) == {
-        "/health", "/ready", "/metrics", "/models", "/models/{model_name}", "/predict",
+        "/health", "/ready", "/metrics", "/models", "/models/{model_name}",
+        "/models/{model_name}/versions", "/predict",
         "/predict/{model_name}", "/predict-batch", "/predict-batch/{model_name}",
     }
     predict = schema["paths"]["/predict/{model_name}"]["post"]
@@ -177,7 +254,7 @@ def test_metrics_count_predictions_reloads_and_errors(client, models_dir):
     client.post("/predict/svm", json=PENGUIN)
     client.post("/predict-batch/svm", json={"penguins": [PENGUIN, PENGUIN]})
     client.post("/predict/svm", json={**PENGUIN, "sex": "unknown"})
-    publish_raw(models_dir, "knn", b"not a pickle")
+    export_raw(models_dir, "knn", b"not a pickle")
     wait_until(lambda: "penguins_model_load_errors_total{" in client.get("/metrics").text)
     text = client.get("/metrics").text
     assert client.get("/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -195,28 +272,31 @@ def test_a_missing_models_dir_is_no_error_and_is_watched(make_client, published,
     directory = tmp_path / "later"
     client = make_client(directory)
     assert client.get("/ready").status_code == 503
-    shutil.copytree(published.unsigned, directory)
+    shutil.copytree(published.store, directory)
     wait_until(lambda: client.get("/ready").status_code == 200)
 
 
 def test_settings_come_from_the_environment():
     settings = Settings.from_env({
-        "MODELS_DIR": "/models", "MODEL_SIGNING_KEY": "s3cret", "SERVING_HOST": "0.0.0.0",
+        "MODELS_DIR": "/models", "MODEL_PUBLIC_KEY_FILE": "/keys/public.pem",
+        "SERVING_ALLOW_UNSIGNED": "1", "MODEL_HISTORY": "3", "SERVING_HOST": "0.0.0.0",
         "SERVING_PORT": "9000", "MAX_BATCH_ROWS": "10", "MAX_BODY_BYTES": "2048",
-        "RELOAD_INTERVAL_SECONDS": "0.5",
+        "RELOAD_INTERVAL_SECONDS": "0.5", "SERVING_LOADER_MEMORY_MB": "512",
     })
     assert settings == Settings(
-        models_dir=Path("/models"), signing_key=b"s3cret",
-        host="0.0.0.0", port=9000, max_batch_rows=10, max_body_bytes=2048,
-        reload_interval_seconds=0.5,
+        models_dir=Path("/models"), public_key_file=Path("/keys/public.pem"),
+        allow_unsigned=True, model_history=3, host="0.0.0.0", port=9000, max_batch_rows=10,
+        max_body_bytes=2048, reload_interval_seconds=0.5, loader_memory_mb=512,
     )
-    assert Settings.from_env({"MODEL_SIGNING_KEY": ""}).signing_key is None
     assert Settings.from_env({}) == Settings()
+    assert Settings.from_env({"MODEL_PUBLIC_KEY_FILE": str(PUBLIC_KEY_FILE)}).public_key_file \
+        == PUBLIC_KEY_FILE
 
 
 @pytest.mark.parametrize(("name", "value"), [
     ("MAX_BATCH_ROWS", "many"), ("MAX_BATCH_ROWS", "0"), ("SERVING_PORT", "70000"),
-    ("RELOAD_INTERVAL_SECONDS", "nan"), ("MAX_BODY_BYTES", "1.5"),
+    ("RELOAD_INTERVAL_SECONDS", "nan"), ("MAX_BODY_BYTES", "1.5"), ("MODEL_HISTORY", "0"),
+    ("SERVING_ALLOW_UNSIGNED", "yes"), ("SERVING_LOADER_CPU_SECONDS", "-1"),
 ])
 def test_a_malformed_setting_is_named(name, value):
     with pytest.raises(ValueError, match=name):

@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 
 from serving.app import create_app
 from serving.settings import Settings
-from tests.serving.conftest import PENGUIN
+from tests.serving.conftest import PENGUIN, PUBLIC_KEY_FILE
 
 MAX_BODY_BYTES = 10_000
 MAX_BATCH_ROWS = 5
@@ -89,9 +89,9 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def client(published, tmp_path_factory) -> TestClient:
-    directory = Path(shutil.copytree(published.unsigned, tmp_path_factory.mktemp("bad") / "m"))
-    settings = Settings(models_dir=directory, max_body_bytes=MAX_BODY_BYTES,
-                        max_batch_rows=MAX_BATCH_ROWS)
+    directory = Path(shutil.copytree(published.store, tmp_path_factory.mktemp("bad") / "m"))
+    settings = Settings(models_dir=directory, public_key_file=PUBLIC_KEY_FILE,
+                        max_body_bytes=MAX_BODY_BYTES, max_batch_rows=MAX_BATCH_ROWS)
     with TestClient(create_app(settings)) as client:
         yield client
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 OPERATIONS = {
-    "/health", "/ready", "/metrics", "/models", "/models/{model_name}", "/predict",
+    "/health", "/ready", "/metrics", "/models", "/models/{model_name}",
+    "/models/{model_name}/versions", "/predict",
     "/predict/{model_name}", "/predict-batch", "/predict-batch/{model_name}",
 }
 

@@ -1,28 +1,21 @@
-"""Compiled predictors: the same answers as each model's own pipeline, or not served at all."""
+"""The service's compiled predictors: the same answers as each model's own pipeline, or the
+model is refused, saying why. (How a spec is exported and rebuilt: ``test_compiled_spec.py``.)"""
 
 from __future__ import annotations
 
-import logging
 import pickle
-from pathlib import Path
-from typing import Any
 
 import msgspec
 import numpy as np
-import pandas as pd
 import pytest
 from sklearn.tree import DecisionTreeClassifier
 
 from penguins import contract, models, training
-from serving import compiled
 from serving.compiled import CompiledPredictor, check_rows
-from serving.predictors import TOLERANCE, PipelinePredictor
-from serving.registry import ModelRegistry
+from serving.predictors import TOLERANCE
 from serving.schemas import Penguin
 from serving.settings import Settings
-from tests.serving.conftest import PENGUIN, publish_raw
-
-LOGISTIC = ("sklearn", "LogisticRegression")
+from tests.serving.conftest import PENGUIN, export_raw, promote, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,32 +25,11 @@ def rows(published) -> list[dict]:
             for row in published.clean[list(contract.FEATURES)].to_dict(orient="records")]
 
 
-def _assert_same(answer, expected) -> None:
-    codes, probabilities = answer
-    expected_codes, expected_probabilities = expected
-    np.testing.assert_array_equal(codes, expected_codes)
-    np.testing.assert_allclose(probabilities, expected_probabilities, rtol=0, atol=TOLERANCE)
-
-
-@pytest.mark.parametrize("model_name", contract.MODEL_NAMES)
-def test_every_model_type_compiles_to_its_own_answers_on_every_row(published, rows, model_name):
-    pipeline = published.trained[model_name].pipeline
-    fast = CompiledPredictor(pipeline, len(contract.SPECIES))
-    frame = published.clean[list(contract.FEATURES)]
-    expected = pipeline.predict(frame), pipeline.predict_proba(frame)
-
-    _assert_same(fast.predict(rows), expected)
-    one_by_one = [fast.predict([row]) for row in rows]
-    _assert_same((np.concatenate([c for c, _ in one_by_one]),
-                  np.concatenate([p for _, p in one_by_one])), expected)
-
-
 @pytest.mark.parametrize("model_name", contract.MODEL_NAMES)
 def test_the_service_serves_each_model_compiled_with_its_own_answers(
         client, published, rows, model_name):
-    served = client.app.state.registry.snapshot.models[model_name]
+    served = client.app.state.registry.snapshot.models[model_name].served
     assert isinstance(served.predictor, CompiledPredictor)
-    assert served.not_compiled is None
 
     response = client.post(f"/predict-batch/{model_name}", json={"penguins": rows})
     assert response.status_code == 200, response.text
@@ -72,93 +44,30 @@ def test_the_service_serves_each_model_compiled_with_its_own_answers(
     )
 
 
-def _off_by(amount: float):
-    def perturb(codes, probabilities):
-        return codes, probabilities + amount
-    return perturb
-
-
-def _classes_shifted(codes, probabilities):
-    return (codes + 1) % len(contract.SPECIES), probabilities
-
-
-def _raising(codes, probabilities):
-    raise ZeroDivisionError("a bug in the compiled path")
-
-
-@pytest.mark.parametrize(("breakage", "reason"), [
-    (_off_by(10 * TOLERANCE), "probabilities up to"),
-    (_classes_shifted, "other classes"),
-    (_raising, "ZeroDivisionError: a bug in the compiled path"),
-])
-def test_a_compiled_path_that_disagrees_is_not_served(
-        make_client, models_dir, published, monkeypatch, caplog, breakage, reason):
-    exact = compiled._COMPILERS[LOGISTIC]
-
-    def broken(model, n_classes):
-        estimate = exact(model, n_classes)
-        return lambda x: breakage(*estimate(x))
-
-    monkeypatch.setitem(compiled._COMPILERS, LOGISTIC, broken)
-    served = _load(models_dir, caplog)
-
-    assert isinstance(served["logistic_regression"].predictor, PipelinePredictor)
-    assert reason in served["logistic_regression"].not_compiled
-    assert _warned(caplog, "logistic_regression", reason)
-    assert isinstance(served["svm"].predictor, CompiledPredictor)
-    # The pipeline itself answers, so the answers are still the model's own.
-    client = make_client(models_dir)
-    served = client.app.state.registry.snapshot.models
-    assert isinstance(served["logistic_regression"].predictor, PipelinePredictor)
-    trained = published.trained["logistic_regression"]
-    answer = client.post("/predict/logistic_regression", json=PENGUIN).json()
-    expected = trained.pipeline.predict(pd.DataFrame([PENGUIN], columns=list(contract.FEATURES)))
-    assert answer["species"] == trained.classes[expected[0]]
-
-
-def test_a_model_type_without_a_compiled_path_is_served_by_its_pipeline(
-        make_client, models_dir, published, caplog):
+def test_a_model_type_without_a_compiled_path_is_refused_saying_so(
+        client, models_dir, published):
     labels, _ = training.encode_labels(published.clean[contract.LABEL])
     pipeline = models.build_model("logistic_regression", 42).set_params(
         model=DecisionTreeClassifier(random_state=42))
     pipeline.fit(published.clean[list(contract.FEATURES)], labels)
-    publish_raw(models_dir, "tree", pickle.dumps(pipeline, protocol=5))
+    version = export_raw(models_dir, "tree", pickle.dumps(pipeline, protocol=5))
+    promote(models_dir, "tree", version)
 
-    tree = _load(models_dir, caplog)["tree"]
-    assert isinstance(tree.predictor, PipelinePredictor)
-    reason = "no compiled path for a DecisionTreeClassifier"
-    assert reason in tree.not_compiled
-    assert _warned(caplog, "tree", reason)
-    assert make_client(models_dir).post("/predict/tree", json=PENGUIN).status_code == 200
+    def refusal():
+        response = client.get("/models/tree/versions")
+        versions = response.json()["versions"] if response.status_code == 200 else []
+        return versions and versions[0]["state"] == "refused" and versions[0]["reason"]
 
-
-def test_fast_predictors_can_be_turned_off(make_client, models_dir, caplog):
-    for model in _load(models_dir, caplog, compile_models=False).values():
-        assert isinstance(model.predictor, PipelinePredictor)
-        assert model.not_compiled is None
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    client = make_client(models_dir, fast_predictors=False)
-    assert not any(isinstance(m.predictor, CompiledPredictor)
-                   for m in client.app.state.registry.snapshot.models.values())
-    assert client.post("/predict/random_forest", json=PENGUIN).status_code == 200
-
-
-def _load(directory: Path, caplog: pytest.LogCaptureFixture, **options: Any) -> dict:
-    """The models a registry loads from ``directory``, its warnings in ``caplog``. (Without an
-    application: Litestar's logging set-up takes the records away from ``caplog``.)"""
-    registry = ModelRegistry(directory, key=None, **options)
-    with caplog.at_level(logging.WARNING, logger="serving.registry"):
-        registry.refresh()
-    return dict(registry.snapshot.models)
-
-
-def _warned(caplog: pytest.LogCaptureFixture, name: str, reason: str) -> bool:
-    return any(r.levelno == logging.WARNING and f"model {name}:" in r.message
-               and reason in r.message for r in caplog.records)
+    # A random forest's trees are DecisionTreeClassifiers, so the unpickler allows the class;
+    # but the service serves compiled models only.
+    assert wait_until(refusal) == \
+        "refused by the loader: no compiled path for a DecisionTreeClassifier"
+    assert client.post("/predict/tree", json=PENGUIN).status_code == 503
 
 
 def test_the_check_rows_are_valid_penguins_of_every_island_and_sex(published):
-    fast = CompiledPredictor(published.trained["knn"].pipeline, len(contract.SPECIES))
+    fast = CompiledPredictor.from_pipeline(published.trained["knn"].pipeline,
+                                           len(contract.SPECIES))
     checks = check_rows(fast.features)
     for row in checks:
         msgspec.convert(row, Penguin, strict=True)
@@ -182,10 +91,7 @@ def test_the_ceiling_endpoint_exists_only_when_asked_for(make_client, models_dir
 
 
 def test_the_switches_come_from_the_environment():
-    assert Settings.from_env({}).fast_predictors is True
     assert Settings.from_env({}).benchmark_endpoints is False
-    settings = Settings.from_env({"SERVING_FAST_PREDICTORS": "0",
-                                  "SERVING_BENCHMARK_ENDPOINTS": "1"})
-    assert (settings.fast_predictors, settings.benchmark_endpoints) == (False, True)
-    with pytest.raises(ValueError, match="SERVING_FAST_PREDICTORS"):
-        Settings.from_env({"SERVING_FAST_PREDICTORS": "yes"})
+    assert Settings.from_env({"SERVING_BENCHMARK_ENDPOINTS": "1"}).benchmark_endpoints is True
+    with pytest.raises(ValueError, match="SERVING_BENCHMARK_ENDPOINTS"):
+        Settings.from_env({"SERVING_BENCHMARK_ENDPOINTS": "yes"})

@@ -58,7 +58,7 @@ class HealthMonitor:
 @pytest.fixture(scope="module")
 def guarded(published, tmp_path_factory) -> Iterator[tuple[LiveService, Path]]:
     folder = tmp_path_factory.mktemp("front-door")
-    models = Path(shutil.copytree(published.unsigned, folder / "models"))
+    models = Path(shutil.copytree(published.store, folder / "models"))
     log = folder / "service.log"
     with run_uvicorn(models, log, **LIMITS) as service:
         yield service, log
@@ -372,24 +372,31 @@ def test_a_batch_without_repeats_is_answered(service):
 
 def test_answers_name_no_server_path(service):
     models = service.models_dir
-    (models / "intruder.pkl").write_bytes(b"not a pickle")
-    (models / "intruder.json").symlink_to("/etc/passwd")
+    linked = models / "intruder" / "20260101T000000.000000Z"
+    linked.mkdir(parents=True)
+    (linked / "model.pkl").write_bytes(b"not a pickle")
+    (linked / "metadata.json").symlink_to("/etc/passwd")
+    unsigned = models / "intruder" / "20260101T000001.000000Z"
+    unsigned.mkdir()
+    (unsigned / "model.pkl").write_bytes(b"not a pickle")
+    (unsigned / "metadata.json").write_text("{}")
     try:
-        def refused() -> dict | None:
-            listed = requests.get(f"{service.url}/models", timeout=5).json()["models"]
-            return next((m for m in listed if m["name"] == "intruder"
-                         and m.get("load_error")), None)
+        def refused() -> list | None:
+            listed = requests.get(f"{service.url}/models/intruder/versions", timeout=5)
+            versions = listed.json()["versions"] if listed.status_code == 200 else []
+            states = [v["state"] for v in versions]
+            return versions if states == ["refused", "refused"] else None
 
         deadline = time.monotonic() + 10
         while (found := refused()) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert found is not None
-        everything = requests.get(f"{service.url}/models", timeout=5).text
+        texts = [requests.get(f"{service.url}{path}", timeout=5).text
+                 for path in ("/models", "/models/intruder", "/models/intruder/versions")]
         unavailable = requests.post(f"{service.url}/predict/intruder", json=PENGUIN, timeout=5)
         assert unavailable.status_code == 503
-        for text in (everything, unavailable.text):
+        for text in (*texts, unavailable.text):
             assert str(models) not in text and str(models.resolve()) not in text
             assert "/etc" not in text
     finally:
-        (models / "intruder.pkl").unlink()
-        (models / "intruder.json").unlink()
+        shutil.rmtree(models / "intruder")

@@ -1,11 +1,23 @@
-"""The data contract: the one place that names tables, columns, categories and models.
+"""The pipeline's data contract: tables, the label, the source's columns, the connection.
 
-The DAG, the SQL, the tests and the README all use these constants, so a name is spelled once.
+What a model takes (features, categories, ranges) and the model names are the service's
+(``serving.contract``), imported here so that both halves use one definition. The DAG, the SQL,
+the tests and the README all use these constants, so a name is spelled once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from serving.contract import (
+    CATEGORICAL_FEATURES,
+    FEATURES,
+    ISLANDS,
+    MODEL_NAMES,
+    NUMERIC_FEATURES,
+    PLAUSIBLE_RANGES,
+    SEXES,
+)
 
 CONN_ID = "mysql_airflow_conn"
 """The Airflow connection to the penguins database (from ``AIRFLOW_CONN_MYSQL_AIRFLOW_CONN``)."""
@@ -17,29 +29,9 @@ TABLES = (RAW_TABLE, CLEAN_TABLE)
 
 LABEL = "species"
 SPECIES = ("Adelie", "Chinstrap", "Gentoo")
-ISLANDS = ("Biscoe", "Dream", "Torgersen")
-SEXES = ("female", "male")
-
-NUMERIC_FEATURES = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "year")
-CATEGORICAL_FEATURES = {"island": ISLANDS, "sex": SEXES}
-FEATURES = ("island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g",
-            "sex", "year")
-"""The columns a model takes, in the order a caller gives them."""
 
 COLUMNS = ("species", *FEATURES)
 """The source file's columns: the label, then the features, as ``palmerpenguins`` ships them."""
-
-PLAUSIBLE_RANGES = {
-    "bill_length_mm": (10.0, 100.0),
-    "bill_depth_mm": (5.0, 40.0),
-    "flipper_length_mm": (100.0, 300.0),
-    "body_mass_g": (1000.0, 10000.0),
-    "year": (2000, 2100),
-}
-"""Inclusive bounds outside which a measurement is a data error, not a big penguin."""
-
-MODEL_NAMES = ("logistic_regression", "random_forest", "svm", "knn", "xgboost")
-"""The model zoo, by the name used in Params, file names, API paths and the README."""
 
 NA_MARKERS = ("NA", "")
 """How a source CSV writes a missing value (``palmerpenguins`` writes ``NA``)."""
@@ -50,3 +42,8 @@ def default_source() -> Path:
     import palmerpenguins
 
     return Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
+
+
+__all__ = ["CATEGORICAL_FEATURES", "CLEAN_TABLE", "COLUMNS", "CONN_ID", "FEATURES", "ISLANDS",
+           "LABEL", "MODEL_NAMES", "NA_MARKERS", "NUMERIC_FEATURES", "PLAUSIBLE_RANGES",
+           "RAW_TABLE", "SEXES", "SPECIES", "TABLES", "default_source"]

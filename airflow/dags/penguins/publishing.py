@@ -1,157 +1,136 @@
-"""Publishing models into ``MODELS_DIR``: the only thing the pipeline and the service share.
+"""Exporting trained models into the model store, through the gate.
 
-The published artifact, per model ``<name>`` (one of ``contract.MODEL_NAMES``):
-
-- ``<name>.pkl``: a pickle (protocol 5) of the fitted scikit-learn ``Pipeline``. It takes a
-  DataFrame of the raw features (``contract.FEATURES``) and predicts integer class codes.
-- ``<name>.json``: its metadata, UTF-8 JSON with these keys:
-  ``format_version`` (1), ``model_name``, ``pickle_file``, ``sha256`` (hex digest of the pickle's
-  bytes), ``size_bytes``, ``classes`` (``classes[i]`` is the species of code ``i``), ``features``
-  (name, type, and categories for categorical ones), ``metrics`` (held-out ``accuracy`` and
-  ``f1_macro``), ``rows`` (train, test, total), ``test_size``, ``random_seed``, ``dag_run_id``,
-  ``source``, ``trained_at`` (UTC, ISO 8601), ``training_seconds``, ``versions`` (python,
-  scikit-learn, xgboost, numpy, pandas), and ``signature``.
-- ``signature`` is null, or, when ``MODEL_SIGNING_KEY`` is set, the hex HMAC-SHA256 under that key
-  of the metadata's canonical JSON without the ``signature`` key (``sort_keys``, separators
-  ``,`` and ``:``). Since the metadata holds the pickle's digest, the signature covers both files.
-- ``manifest.json``: written once per run by the last task: the run id, every model's result,
-  the failures, and ``best_model`` (highest held-out accuracy, then macro-F1, then name).
-
-A reader accepts a model only when the JSON names the model as its file does, its ``sha256``
-matches the pickle's bytes, and (with a key) the signature matches - all checked before unpickling.
-
-Files are written atomically: a temporary file in the same folder (a dot-name ending ``.tmp``,
-which no reader's ``*.pkl`` / ``*.json`` pattern matches), flushed and fsynced, made readable by
-other users, then renamed over the old one. The pickle is renamed first and its metadata second;
-between the two renames the digests disagree, so a reader keeps the previous model.
+The store's format belongs to the service (``serving.store``, copied into the Airflow image):
+this module only fills in what the pipeline knows. Each training task exports its model as a new
+version and scores the promoted version on the same held-out rows for the gate; the run's last
+task then writes one signed manifest that promotes the versions the gate let through and holds
+back the others, with why.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import os
 import pickle
 import platform
-import tempfile
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from penguins.contract import CATEGORICAL_FEATURES, FEATURES
-from penguins.training import TrainedModel
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sklearn.metrics import accuracy_score
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+from penguins.contract import CATEGORICAL_FEATURES, FEATURES
+from penguins.gate import Decision, decide
+from penguins.training import TrainedModel
+from serving.settings import DEFAULT_MODELS_DIR
+from serving.store import signing
+from serving.store.documents import MAX_PICKLE_BYTES, Manifest, ModelEntry
+from serving.store.layout import StoreError
+from serving.store.reader import Trust, read_manifest, read_version
+from serving.store.writer import change_manifest, export_version, held_back, promoted
+from serving.unpickler import RefusedPickle, load_model_pickle
 
 
 def models_dir() -> Path:
     """``MODELS_DIR`` from the environment; by default ``shared_models/`` at the repository root."""
-    default = Path(__file__).resolve().parents[3] / "shared_models"
-    return Path(os.environ.get("MODELS_DIR") or default)
+    return Path(os.environ.get("MODELS_DIR") or DEFAULT_MODELS_DIR)
 
 
-def signing_key() -> bytes | None:
-    key = os.environ.get("MODEL_SIGNING_KEY")
-    return key.encode() if key else None
+def signing_key() -> Ed25519PrivateKey:
+    """The private key from ``MODEL_SIGNING_KEY_FILE``; a StoreError naming the file if none."""
+    return signing.load_private_key(signing.private_key_file())
 
 
-def sign(metadata: dict[str, Any], key: bytes) -> str:
-    """The HMAC-SHA256 of the metadata's canonical JSON, ``signature`` left out."""
-    unsigned = {k: v for k, v in metadata.items() if k != "signature"}
-    canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class Baseline:
+    version: str | None
+    accuracy: float | None
+    problem: str | None = None
+    """Why the promoted version could not be scored, if it could not."""
 
 
-def publish_model(
-    trained: TrainedModel,
-    directory: Path,
-    *,
-    run_id: str,
-    source: str,
-    test_size: float,
-    seed: int,
-    key: bytes | None,
-) -> dict[str, Any]:
-    """Write ``<name>.pkl`` and ``<name>.json`` atomically; return the metadata written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = pickle.dumps(trained.pipeline, protocol=5)
-    metadata: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "model_name": trained.model_name,
-        "pickle_file": f"{trained.model_name}.pkl",
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "size_bytes": len(payload),
+def score_promoted(directory: Path, trained: TrainedModel, key: Ed25519PrivateKey) -> Baseline:
+    """The promoted version of ``trained``'s model, scored on ``trained``'s held-out rows.
+
+    The version is verified with the pipeline's own key before its pickle is read, and read with
+    the service's exact allow-list. One that cannot be read, or predicts other classes, cannot be
+    compared: the gate then judges the new version on its own, and says why.
+    """
+    trust = Trust(key.public_key())
+    entry = read_manifest(directory, trust).models.get(trained.model_name)
+    if entry is None or entry.promoted is None:
+        return Baseline(None, None)
+    try:
+        files = read_version(directory, trained.model_name, entry.promoted, trust,
+                             max_pickle_bytes=MAX_PICKLE_BYTES)
+        if list(files.info.classes) != trained.classes:
+            raise ValueError(f"it predicts the classes {list(files.info.classes)}")
+        pipeline = load_model_pickle(files.payload)
+        x_test, y_test = trained.held_out
+        accuracy = float(accuracy_score(y_test, np.asarray(pipeline.predict(x_test))))
+    except (OSError, StoreError, RefusedPickle, ValueError) as exc:
+        return Baseline(entry.promoted, None, f"{type(exc).__name__}: {exc}")
+    return Baseline(entry.promoted, accuracy)
+
+
+def export(trained: TrainedModel, directory: Path, *, decision: Decision, run_id: str,
+           source: str, test_size: float, seed: int, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Export ``trained`` as a new version; return its signed metadata."""
+    fields = {
         "classes": trained.classes,
         "features": _feature_descriptions(),
         "metrics": trained.metrics,
+        "gate": decision.as_json(),
         "rows": trained.rows,
         "test_size": test_size,
         "random_seed": seed,
         "dag_run_id": run_id,
         "source": source,
-        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "trained_at": trained.trained_at,
         "training_seconds": round(trained.training_seconds, 3),
         "versions": library_versions(),
-        "signature": None,
     }
-    if key is not None:
-        metadata["signature"] = sign(metadata, key)
-    write_atomically(directory / metadata["pickle_file"], payload)
-    write_atomically(directory / f"{trained.model_name}.json", _json_bytes(metadata))
-    return metadata
+    payload = pickle.dumps(trained.pipeline, protocol=5)
+    return export_version(directory, trained.model_name, payload, fields, key)
 
 
-def write_manifest(directory: Path, *, run_id: str, results: list[dict[str, Any]],
-                   failures: dict[str, str]) -> dict[str, Any]:
-    """Record every model's result and the best one in ``manifest.json``; return the manifest."""
-    ranked = sorted(
-        results,
-        key=lambda r: (-r["metrics"]["accuracy"], -r["metrics"]["f1_macro"], r["model_name"]),
-    )
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "dag_run_id": run_id,
-        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "best_model": ranked[0]["model_name"] if ranked else None,
-        "models": {
-            r["model_name"]: {"metrics": r["metrics"], "sha256": r["sha256"]} for r in ranked
-        },
-        "failed": failures,
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(directory / MANIFEST_FILE, _json_bytes(manifest))
-    return manifest
+def gate(trained: TrainedModel, baseline: Baseline, *, min_accuracy: float,
+         max_regression: float) -> Decision:
+    return decide(trained.metrics["accuracy"], baseline.version, baseline.accuracy,
+                  min_accuracy=min_accuracy, max_regression=max_regression,
+                  baseline_problem=baseline.problem)
 
 
-def write_atomically(target: Path, data: bytes) -> None:
-    """Replace ``target`` with ``data``: a reader sees the old file or the new one, never half."""
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes files 0600; the service may run as another user.
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(target.parent)
+def record_run(directory: Path, key: Ed25519PrivateKey, *, run_id: str,
+               results: list[dict[str, Any]]) -> tuple[Manifest, dict[str, str]]:
+    """Promote the run's versions that passed the gate and hold back the others, in one signed
+    manifest. ``results`` are the training tasks' XComs. Returns the manifest and, per model
+    held back, why.
 
+    A version that passed is still held back if another version was promoted since it was
+    scored: it was compared with a version that is no longer the one it would replace.
+    """
+    held: dict[str, str] = {}
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def change(current: Manifest) -> dict[str, ModelEntry]:
+        entries = dict(current.models)
+        for result in results:
+            name, version, decision = result["model_name"], result["version"], result["gate"]
+            entry = entries.get(name, ModelEntry())
+            reason = decision["reason"]
+            if decision["promote"] and entry.promoted != decision["baseline_version"]:
+                reason = (f"passed the gate against {decision['baseline_version']}, but "
+                          f"{entry.promoted} was promoted meanwhile; promote it by hand if wanted")
+            elif decision["promote"]:
+                entries[name] = promoted(entry, version)
+                continue
+            held[name] = reason
+            entries[name] = held_back(entry, version, reason)
+        return entries
 
-
-def _json_bytes(document: dict[str, Any]) -> bytes:
-    return (json.dumps(document, indent=2) + "\n").encode()
+    manifest = change_manifest(directory, key, change, written_by=f"dag run {run_id}")
+    return manifest, held
 
 
 def _feature_descriptions() -> list[dict[str, Any]]:

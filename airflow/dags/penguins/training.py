@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,10 @@ class TrainedModel:
     metrics: dict[str, float]
     rows: dict[str, int]
     training_seconds: float
+    trained_at: str
+    """UTC, ISO 8601, to the second."""
+    held_out: tuple[pd.DataFrame, np.ndarray]
+    """The held-out rows and their labels: the gate scores the promoted version on them too."""
 
 
 def encode_labels(species: pd.Series) -> tuple[np.ndarray, list[str]]:
@@ -51,4 +56,6 @@ def train(frame: pd.DataFrame, model_name: str, test_size: float, seed: int) -> 
         "f1_macro": float(f1_score(y_test, predicted, average="macro")),
     }
     rows = {"train": len(x_train), "test": len(x_test), "total": len(frame)}
-    return TrainedModel(model_name, pipeline, classes, metrics, rows, training_seconds)
+    trained_at = datetime.now(UTC).isoformat(timespec="seconds")
+    return TrainedModel(model_name, pipeline, classes, metrics, rows, training_seconds,
+                        trained_at, (x_test, y_test))
