@@ -160,10 +160,17 @@ def write_signing_keys(folder: Path, env: dict[str, str] | os._Environ) -> tuple
         raise SecretError(f"MODEL_SIGNING_KEY_FILE: {problem}; move it away and a new key "
                           "pair is made (models signed with the old key are then refused)"
                           ) from None
+    # Where the pipeline records the last manifest it wrote (serving.store.marks): created
+    # here, since the pipeline's user may write files in this folder but not create them.
+    written = private.with_name("manifest-marks.json")
+    if not written.exists():
+        written.write_text("{}\n")
     airflow_uid = int(env.get("AIRFLOW_UID") or 50000)
     if os.geteuid() == 0:
         os.chown(private, airflow_uid, 0)
+        os.chown(written, airflow_uid, 0)
         os.chown(public, 0, 0)
+    written.chmod(0o600)
     private.chmod(0o600)
     public.chmod(0o644)
     public.parent.chmod(0o755)  # the service reads it as its own user

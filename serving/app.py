@@ -106,8 +106,10 @@ def _registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
     except StoreError as exc:
         public_key = None
         if not settings.allow_unsigned:
-            problem = f"no model is served: {exc}"
-            log.error("%s", problem)
+            # The API says which setting; only the log names the file.
+            problem = ("no model is served: the public key (MODEL_PUBLIC_KEY_FILE) cannot be "
+                       "read; see the service's log")
+            log.error("no model is served: %s", exc)
     if settings.allow_unsigned:
         log.warning("SERVING_ALLOW_UNSIGNED=1: serving UNSIGNED models too. Anyone who can "
                     "write to %s can choose what this service answers. For development only.",

@@ -445,7 +445,7 @@ def _calibrated_svm(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer
         squared = ((x[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
         return _per_row(finish, np.exp(-gamma * squared) @ weights.T + intercept, np.float64)
 
-    return estimate
+    return _in_blocks(estimate, vectors.size)
 
 
 def _k_neighbours(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
@@ -464,7 +464,29 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
         # the mode KNeighborsClassifier.predict takes.
         return _per_row(finish, labels[nearest], np.float64)
 
-    return estimate
+    return _in_blocks(estimate, train.size)
+
+
+BLOCK_NUMBERS = 2_000_000
+"""How many differences a block of rows may compute at once against the stored points (16 MB):
+a batch of 1,000 rows against a large training set must not take gigabytes."""
+
+
+def _in_blocks(estimate: Callable[[np.ndarray], Answer], numbers_per_row: int
+               ) -> Callable[[np.ndarray], Answer]:
+    """``estimate`` on row blocks of at most ``BLOCK_NUMBERS`` differences each. The rows are
+    independent, so the answers are those on all rows at once (to the last bits of a matrix
+    product, which BLAS may sum in another order for another number of rows)."""
+    rows = max(1, BLOCK_NUMBERS // max(1, numbers_per_row))
+
+    def by_blocks(x: np.ndarray) -> Answer:
+        if len(x) <= rows:
+            return estimate(x)
+        parts = [estimate(x[start:start + rows]) for start in range(0, len(x), rows)]
+        return (np.concatenate([codes for codes, _ in parts]),
+                np.concatenate([probabilities for _, probabilities in parts]))
+
+    return by_blocks
 
 
 def _xgboost(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:

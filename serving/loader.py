@@ -35,6 +35,11 @@ class Limits:
 class LoadError(Exception):
     """The version could not be made into a predictor; the message says why, for the API."""
 
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        """Not the version's fault (a busy machine, a killed worker): worth trying again."""
+
 
 class Loader:
     """Loads versions in worker processes; safe to call from several threads at once."""
@@ -89,26 +94,44 @@ class Loader:
                   limits.cpu_seconds),
             daemon=True,
         )
+        timed_out = threading.Event()
+
+        def stop_worker() -> None:
+            timed_out.set()
+            worker.kill()
+
+        # The wall-clock limit holds however the worker sends: also one that starts its answer
+        # and then never finishes it.
+        deadline = threading.Timer(limits.wall_seconds, stop_worker)
+        timeout = LoadError(f"the loader took longer than {limits.wall_seconds:g} s "
+                            "(SERVING_LOADER_TIMEOUT_SECONDS); stopped", transient=True)
         try:
             with self._lock:
                 if self._closed:
-                    raise LoadError("the service is stopping")
-                worker.start()
+                    raise LoadError("the service is stopping", transient=True)
+                try:
+                    worker.start()
+                except OSError as exc:
+                    raise LoadError(f"the loader could not start ({exc.strerror})",
+                                    transient=True) from None
                 self._workers.add(worker)
+            deadline.start()
             sender.close()
             if not receiver.poll(limits.wall_seconds):
-                raise LoadError(f"the loader took longer than {limits.wall_seconds:g} s "
-                                "(SERVING_LOADER_TIMEOUT_SECONDS); stopped")
+                raise timeout
             try:
                 # Bytes only: nothing the worker sends is ever unpickled here.
                 data = receiver.recv_bytes(maxlength=limits.result_bytes)
             except EOFError:
+                if timed_out.is_set():
+                    raise timeout from None
                 worker.join(timeout=5)
-                raise LoadError(_how_it_ended(worker.exitcode, limits)) from None
+                raise _how_it_ended(worker.exitcode, limits) from None
             except OSError:
                 raise LoadError(f"the loader's result is larger than "
                                 f"{limits.result_bytes // 1024**2} MB; refused") from None
         finally:
+            deadline.cancel()
             with self._lock:
                 self._workers.discard(worker)
             if worker.pid is not None and worker.is_alive():
@@ -126,15 +149,19 @@ class Loader:
         return result
 
 
-def _how_it_ended(exitcode: int | None, limits: Limits) -> str:
+def _how_it_ended(exitcode: int | None, limits: Limits) -> LoadError:
     if exitcode is not None and exitcode < 0:
         number = -exitcode
         if number == signal.SIGXCPU:
-            return (f"the loader used more than {limits.cpu_seconds} s of CPU "
-                    "(SERVING_LOADER_CPU_SECONDS); stopped")
+            return LoadError(f"the loader used more than {limits.cpu_seconds} s of CPU "
+                             "(SERVING_LOADER_CPU_SECONDS); stopped")
         name = signal.Signals(number).name if number in signal.valid_signals() else number
-        return f"the loader crashed ({name}) while loading it"
-    return f"the loader ended (exit status {exitcode}) without a result"
+        # SIGKILL comes from outside (the kernel's out-of-memory killer, an operator): the
+        # version may well load next time. A SIGSEGV or SIGABRT is the pickle's doing.
+        return LoadError(f"the loader crashed ({name}) while loading it",
+                         transient=number == signal.SIGKILL)
+    return LoadError(f"the loader ended (exit status {exitcode}) without a result",
+                     transient=True)
 
 
 def _check_answers(predictor: CompiledPredictor, expected: dict, n_classes: int) -> None:

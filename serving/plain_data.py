@@ -56,6 +56,10 @@ def encode(tree: Any) -> bytes:
     return b"".join(parts)
 
 
+MAX_HEADER_BYTES = 16 * 1024**2
+"""A compiled model's header holds a few hundred numbers and its check rows: some 100 kB."""
+
+
 def decode(data: bytes, *, max_bytes: int) -> Any:
     """The tree ``encode`` made ``data`` from; PlainDataError if ``data`` is anything else, or
     longer than ``max_bytes``."""
@@ -65,6 +69,10 @@ def decode(data: bytes, *, max_bytes: int) -> Any:
     if len(view) < _HEADER_LENGTH:
         raise PlainDataError(f"the data is {len(view)} bytes, too short for its header's length")
     length = int.from_bytes(view[:_HEADER_LENGTH], "little")
+    if length > MAX_HEADER_BYTES:
+        # Parsed JSON takes tens of times its text: the header is bounded on its own.
+        raise PlainDataError(f"the header claims {length} bytes, more than the "
+                             f"{MAX_HEADER_BYTES} allowed")
     end = _HEADER_LENGTH + length
     if end > len(view):
         raise PlainDataError(f"the header claims {length} bytes; only "

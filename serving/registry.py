@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ from serving.store.layout import MANIFEST_FILE, METADATA_FILE, MODEL_NAME, PICKL
 from serving.store.reader import Trust, read_manifest, read_version, version_ids
 
 log = logging.getLogger(__name__)
+
+MAX_UNLISTED_MODELS = 50
+"""How many model folders that the manifest does not name are followed."""
+
+RETRY_SECONDS = 30.0
+"""How long after a refusal that was not the version's fault (a loader timed out on a busy
+machine, a worker killed from outside) its load is tried again."""
 
 Stamp = tuple[int, int, int, int, int] | None
 """A file's identity and version (device, inode, size, mtime, ctime), or None when absent."""
@@ -145,7 +153,10 @@ class ModelRegistry:
         self._folder_problems: dict[str, str | None] = {}
         self._root: tuple[Stamp, list[str]] = (None, [])
         self._loaded: dict[tuple[str, str], ServedVersion] = {}
-        self._refused: dict[tuple[str, str], tuple[tuple[Stamp, Stamp, Stamp], Refusal]] = {}
+        self._refused: dict[tuple[str, str],
+                            tuple[tuple[Stamp, Stamp, Stamp], Refusal, float | None]] = {}
+        """(model, version) -> its files' stamps when refused, why, and when to try again (None:
+        only once its files change)."""
         self._loading: set[tuple[str, str]] = set()
         self._served: dict[str, ServedVersion] = {}
         self._stop = threading.Event()
@@ -170,14 +181,16 @@ class ModelRegistry:
             manifest_changed = self._follow_manifest()
             wanted = self._scan(manifest_changed)
             for key in wanted:
+                if key in self._loaded or key in self._loading:
+                    continue  # a version never changes once in place
                 stamp = self._version_stamp(*key)
                 refused = self._refused.get(key)
-                if refused is not None and refused[0] == stamp:
+                if refused is not None and refused[0] == stamp and (
+                        refused[2] is None or time.monotonic() < refused[2]):
                     continue
-                if key not in self._loaded and key not in self._loading:
-                    self._refused.pop(key, None)
-                    self._loading.add(key)
-                    self._pool.submit(self._load, key, stamp)
+                self._refused.pop(key, None)
+                self._loading.add(key)
+                self._pool.submit(self._load, key, stamp)
             self._forget(wanted)
             if self._changed:
                 self._publish()
@@ -276,10 +289,12 @@ class ModelRegistry:
         thousands of stray entries cost a listing now and then, not a ``stat`` each time.
         """
         root_changed = self._list_root()
-        names = set(self._manifest.models) | {n for n in self._root[1]
-                                               if self._folders.get(n, (None, []))[1]}
-        if root_changed or manifest_changed:
-            names |= set(self._root[1])
+        listed = set(self._manifest.models)
+        others = sorted(set(self._root[1]) - listed) if root_changed or manifest_changed else \
+            sorted(n for n in set(self._root[1]) - listed if self._folders.get(n, (None, []))[1])
+        # Folders the manifest does not name are candidates at most; a few are followed, not
+        # thousands (anyone who can write MODELS_DIR can make folders).
+        names = listed | set(others[:MAX_UNLISTED_MODELS])
         promoted, others = [], []
         for name in sorted(names):
             found = self._versions(name)
@@ -300,9 +315,9 @@ class ModelRegistry:
                          and (e.is_dir(follow_symlinks=False) or e.is_symlink())]
         except FileNotFoundError:
             names = []
-            self._report_folder(f"MODELS_DIR {self.directory} does not exist (yet)")
+            self._report_folder("MODELS_DIR does not exist (yet)")
         except OSError as exc:
-            self._report_folder(f"cannot read MODELS_DIR {self.directory}: {exc.strerror}")
+            self._report_folder(f"cannot read MODELS_DIR: {exc.strerror}")
             return False  # keep what we had: it may be back soon
         else:
             self._report_folder(None)
@@ -342,7 +357,7 @@ class ModelRegistry:
         if problem != self._folder_problem:
             self._changed = True
             if problem:
-                log.warning("%s", problem)
+                log.warning("%s (%s)", problem, self.directory)
             elif self._folder_problem:
                 log.info("MODELS_DIR %s is readable again", self.directory)
             self._folder_problem = problem
@@ -361,7 +376,9 @@ class ModelRegistry:
                 if isinstance(exc, FileNotFoundError) or self._stop.is_set():
                     return  # pruned or removed while being read
                 message = _public(exc)
-                self._refused[key] = (stamp, Refusal(message, datetime.now(UTC)))
+                retry = (time.monotonic() + RETRY_SECONDS
+                         if isinstance(exc, LoadError) and exc.transient else None)
+                self._refused[key] = (stamp, Refusal(message, datetime.now(UTC)), retry)
                 self._metrics.count_load_error(name)
                 log.error("model %s version %s refused: %s", name, version, message,
                           exc_info=not isinstance(exc, StoreError | LoadError))
@@ -397,7 +414,7 @@ class ModelRegistry:
         for (name, version), served_version in self._loaded.items():
             loaded_by.setdefault(name, {})[version] = served_version
         refused_by: dict[str, dict[str, Refusal]] = {}
-        for (name, version), (_, refusal) in self._refused.items():
+        for (name, version), (_, refusal, _) in self._refused.items():
             refused_by.setdefault(name, {})[version] = refusal
         names = ({*self._manifest.models, *self._folders} | set(loaded_by) | set(self._served))
         for name in sorted(names):

@@ -278,8 +278,12 @@ def test_init_secrets_makes_the_key_pair_with_owners_and_modes(secrets_volume,
     assert private.stat().st_mode & 0o777 == 0o600
     assert public.stat().st_mode & 0o777 == 0o644
     assert public_volume.stat().st_mode & 0o777 == 0o755
+    # Beside it, the marks of the manifests the pipeline wrote, which only it may change.
+    marks = private.with_name("manifest-marks.json")
+    assert marks.read_text() == "{}\n" and marks.stat().st_mode & 0o777 == 0o600
     if os.geteuid() == 0:
         assert private.stat().st_uid == uid
+        assert marks.stat().st_uid == uid
         assert public.stat().st_uid == 0
     # A real pair: the public key is the private key's.
     assert signing.key_id(signing.load_private_key(private).public_key()) == signing.key_id(

@@ -4,6 +4,9 @@
     promote MODEL VERSION     serve VERSION of MODEL (a kept version; the gate is not asked)
     rollback MODEL            serve the version that was promoted before the current one
     keygen                    create the signing key pair if there is none
+    accept-manifest           take the manifest now in MODELS_DIR as the last one written
+                              (after restoring the store from a backup; writers refuse to
+                              build on any other)
 
 ``MODELS_DIR``, ``MODEL_SIGNING_KEY_FILE`` and ``MODEL_PUBLIC_KEY_FILE`` say where the store and
 the keys are (defaults: ``shared_models/`` and ``airflow/home/model-signing/``). Promoting and
@@ -24,7 +27,7 @@ from serving.store import signing
 from serving.store.documents import ModelEntry
 from serving.store.layout import MODEL_NAME, StoreError
 from serving.store.reader import Trust, read_manifest, read_metadata, version_ids
-from serving.store.writer import change_manifest, promoted, rolled_back
+from serving.store.writer import accept_manifest, change_manifest, promoted, rolled_back
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     rollback = commands.add_parser("rollback", help="serve the previously promoted version")
     rollback.add_argument("model")
     commands.add_parser("keygen", help="create the signing key pair if there is none")
+    commands.add_parser("accept-manifest",
+                        help="take the manifest now in MODELS_DIR as the last one written")
     args = parser.parse_args(argv)
     models_dir = Path(os.environ.get("MODELS_DIR") or DEFAULT_MODELS_DIR)
     try:
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             return _keygen()
         if args.command == "list":
             return _list(models_dir)
+        if args.command == "accept-manifest":
+            sequence = accept_manifest(models_dir)
+            print(f"{models_dir}: writers now build on manifest sequence {sequence}")
+            return 0
         return _change(models_dir, args)
     except (StoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -98,19 +107,19 @@ def _state(entry, version: str) -> str:
 def _change(models_dir: Path, args: argparse.Namespace) -> int:
     key = signing.load_private_key(signing.private_key_file())
     trust = Trust(key.public_key())
-    if args.command == "promote":
-        # Refuse a version that would not be served: missing, or not verifying.
-        read_metadata(models_dir, args.model, args.version, trust)
 
     def change(manifest):
         entries = dict(manifest.models)
         entry = entries.get(args.model)
         if args.command == "promote":
-            entries[args.model] = promoted(entry or ModelEntry(), args.version)
+            changed = promoted(entry or ModelEntry(), args.version)
+        elif entry is None:
+            raise StoreError(f"the manifest does not list {args.model}")
         else:
-            if entry is None:
-                raise StoreError(f"the manifest does not list {args.model}")
-            entries[args.model] = rolled_back(entry, args.model)
+            changed = rolled_back(entry, args.model)
+        # Under the store's lock: the version to serve is there and verifies.
+        read_metadata(models_dir, args.model, changed.promoted, trust)
+        entries[args.model] = changed
         return entries
 
     who = f"python -m serving.store {args.command} by {getpass.getuser()}@{socket.gethostname()}"

@@ -52,7 +52,8 @@ EMPTY_MANIFEST = Manifest(0, {}, None, "", "")
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        document = json.loads(data, parse_constant=_refuse_constant)
+        document = json.loads(data, parse_constant=_refuse_constant,
+                              object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested 100,000 deep
         raise StoreError(f"{what} is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(document, dict):
@@ -164,6 +165,15 @@ def _text(value: Any, what: str) -> str:
 
 def _is_version(value: Any) -> bool:
     return isinstance(value, str) and is_version_id(value)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key would let a reader that keeps the first value see another document than
+    # the one that was verified (Python keeps the last).
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key is repeated")
+    return document
 
 
 def _refuse_constant(name: str) -> Any:

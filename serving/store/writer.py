@@ -22,18 +22,20 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from serving.store import signing
-from serving.store.documents import Manifest, ModelEntry
+from serving.store import marks, signing
+from serving.store.documents import Manifest, ModelEntry, manifest_from_json, parse_json
 from serving.store.layout import (
     FORMAT_VERSION,
     LOCK_FILE,
     MANIFEST_FILE,
+    MAX_DOCUMENT_BYTES,
     METADATA_FILE,
     MODEL_NAME,
     PICKLE_FILE,
     StoreError,
     fsync_directory,
     new_version_id,
+    read_bounded,
     write_atomically,
 )
 from serving.store.reader import Trust, read_manifest, read_metadata, version_ids
@@ -102,10 +104,13 @@ def change_manifest(models_dir: Path, key: Ed25519PrivateKey,
                     change: Callable[[Manifest], dict[str, ModelEntry]], *,
                     written_by: str) -> Manifest:
     """Apply ``change`` (current manifest -> new model entries) and write the result: a new
-    sequence number, the best model among the promoted versions, old versions pruned."""
+    sequence number, the best model among the promoted versions, old versions pruned.
+
+    Builds only on the manifest this store's writers last wrote (``marks``)."""
     trust = Trust(key.public_key())
-    with locked(models_dir):
+    with locked(models_dir), marks.held(marks.marks_file()) as written:
         current = read_manifest(models_dir, trust)
+        marks.check(written, models_dir, _manifest_bytes(models_dir))
         entries = change(current)
         entries, doomed = _prune(models_dir, entries, history_limit())
         manifest = Manifest(
@@ -116,12 +121,31 @@ def change_manifest(models_dir: Path, key: Ed25519PrivateKey,
             written_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
             written_by=written_by,
         )
-        document = signing.sign(manifest.as_json(), key)
-        write_atomically(models_dir / MANIFEST_FILE,
-                         (json.dumps(document, indent=2) + "\n").encode())
+        data = (json.dumps(signing.sign(manifest.as_json(), key), indent=2) + "\n").encode()
+        write_atomically(models_dir / MANIFEST_FILE, data)
+        marks.record(written, models_dir, manifest.sequence, data)
         for folder in doomed:  # only once no manifest names them
             _remove_version(folder)
     return manifest
+
+
+def accept_manifest(models_dir: Path) -> int:
+    """Take the manifest now in ``models_dir`` (or its absence) as the last one written; return
+    its sequence (0 if none). For a store restored from a backup, after checking it."""
+    with locked(models_dir), marks.held(marks.marks_file()) as written:
+        data = _manifest_bytes(models_dir)
+        sequence = 0
+        if data is not None:
+            sequence = manifest_from_json(parse_json(data, MANIFEST_FILE)).sequence
+        marks.record(written, models_dir, sequence, data)
+    return sequence
+
+
+def _manifest_bytes(models_dir: Path) -> bytes | None:
+    try:
+        return read_bounded(models_dir / MANIFEST_FILE, MAX_DOCUMENT_BYTES, MANIFEST_FILE)
+    except FileNotFoundError:
+        return None
 
 
 def promoted(entry: ModelEntry, version: str) -> ModelEntry:
@@ -137,27 +161,32 @@ def held_back(entry: ModelEntry, version: str, reason: str) -> ModelEntry:
     return replace(entry, held_back={**entry.held_back, version: reason})
 
 
+ROLLED_BACK = "rolled back to"
+"""How the reason of a version that a rollback demoted begins: pruning keeps such versions."""
+
+
 def rolled_back(entry: ModelEntry, model: str) -> ModelEntry:
     """``entry`` with the previously promoted version promoted again; the one it replaces is
-    held back, so it can be promoted again by hand."""
+    held back, and kept, so it can be promoted again by hand."""
     if not entry.history:
         raise StoreError(f"{model} has no earlier promoted version to roll back to")
     back_to = entry.history[-1]
     held = dict(entry.held_back)
     if entry.promoted is not None:
-        held[entry.promoted] = f"rolled back to {back_to} at {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
+        held[entry.promoted] = f"{ROLLED_BACK} {back_to} at {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
     held.pop(back_to, None)
     return ModelEntry(back_to, entry.history[:-1], held)
 
 
 def _prune(models_dir: Path, entries: dict[str, ModelEntry], keep: int
            ) -> tuple[dict[str, ModelEntry], list[Path]]:
-    """Keep each model's newest ``keep`` versions, its promoted one and its rollback target;
-    drop the rest from the entries and return their folders."""
+    """Keep each model's newest ``keep`` versions, its promoted one, its rollback target and the
+    versions a rollback demoted; drop the rest from the entries and return their folders."""
     kept_entries, doomed = {}, []
     for model, entry in entries.items():
         found = version_ids(models_dir, model)
-        kept = set(found[-keep:]) | {entry.promoted, *entry.history[-1:]} - {None}
+        demoted = {v for v, reason in entry.held_back.items() if reason.startswith(ROLLED_BACK)}
+        kept = set(found[-keep:]) | demoted | {entry.promoted, *entry.history[-1:]} - {None}
         doomed += [models_dir / model / v for v in found if v not in kept]
         kept_entries[model] = ModelEntry(
             entry.promoted, tuple(v for v in entry.history if v in kept),

@@ -118,7 +118,8 @@ def test_without_the_public_key_nothing_is_served_and_the_reason_is_given(
     client = make_client(models_dir, public_key_file=tmp_path / "missing.pem")
     ready = client.get("/ready")
     assert ready.status_code == 503
-    assert "no public key file" in ready.json()["detail"]
+    assert "the public key (MODEL_PUBLIC_KEY_FILE) cannot be read" in ready.json()["detail"]
+    assert str(tmp_path) not in ready.text
     assert client.post("/predict", json=PENGUIN).status_code == 503
 
 

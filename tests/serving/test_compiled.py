@@ -95,3 +95,19 @@ def test_the_switches_come_from_the_environment():
     assert Settings.from_env({"SERVING_BENCHMARK_ENDPOINTS": "1"}).benchmark_endpoints is True
     with pytest.raises(ValueError, match="SERVING_BENCHMARK_ENDPOINTS"):
         Settings.from_env({"SERVING_BENCHMARK_ENDPOINTS": "yes"})
+
+
+@pytest.mark.parametrize("model_name", ["knn", "svm"])
+def test_distances_are_computed_in_blocks_with_the_same_answers(published, rows, monkeypatch,
+                                                                model_name):
+    """A batch against the stored points is computed a block of rows at a time, so that its
+    memory stays bounded whatever the training set's size; the answers do not change (but for
+    the last bits of a matrix product, which BLAS sums in another order for fewer rows)."""
+    from serving import compiled
+
+    pipeline = published.trained[model_name].pipeline
+    whole = CompiledPredictor.from_pipeline(pipeline, len(contract.SPECIES)).predict(rows)
+    monkeypatch.setattr(compiled, "BLOCK_NUMBERS", 1000)  # a few rows per block
+    blocked = CompiledPredictor.from_pipeline(pipeline, len(contract.SPECIES)).predict(rows)
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_allclose(blocked[1], whole[1], rtol=0, atol=1e-12)

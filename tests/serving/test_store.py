@@ -23,6 +23,7 @@ from tests.serving.conftest import (
     PUBLIC_KEY_FILE,
     REPO,
     export_raw,
+    private_key,
     promote,
     publish,
 )
@@ -243,3 +244,84 @@ def test_the_command_needs_the_private_key_to_change_anything(models_dir, publis
     done = _cli(models_dir, "rollback", "svm", MODEL_SIGNING_KEY_FILE=str(tmp_path / "none"))
     assert done.returncode == 1 and "no private key file" in done.stderr
     assert read_metadata(models_dir, "svm", published.versions["svm"], _trust())
+
+
+# --- What the writers refuse to build on ------------------------------------------------------
+
+
+def test_a_writer_refuses_to_build_on_a_manifest_put_back(models_dir, published):
+    """Someone without the key copies an older signed manifest back: the service refuses it,
+    and a writer must not sign its old state again with a new sequence."""
+    older = (models_dir / MANIFEST_FILE).read_bytes()
+    candidate = export_raw(models_dir, "svm", b"x")
+    promote(models_dir, "svm", candidate)
+    newer = (models_dir / MANIFEST_FILE).read_bytes()
+    (models_dir / MANIFEST_FILE).write_bytes(older)
+    with pytest.raises(StoreError, match="is not the one last written"):
+        promote(models_dir, "knn", published.versions["knn"])
+    assert (models_dir / MANIFEST_FILE).read_bytes() == older, "nothing was written"
+
+    (models_dir / MANIFEST_FILE).write_bytes(newer)
+    promote(models_dir, "knn", published.versions["knn"])
+    assert read_manifest(models_dir, _trust()).models["svm"].promoted == candidate
+
+
+def test_a_writer_refuses_when_the_manifest_is_gone_until_told_otherwise(models_dir, published):
+    promote(models_dir, "svm", published.versions["svm"])  # this store's writers wrote one
+    (models_dir / MANIFEST_FILE).unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        publish(models_dir, published.trained["svm"])
+    done = _cli(models_dir, "accept-manifest")
+    assert done.returncode == 0 and "sequence 0" in done.stdout
+    publish(models_dir, published.trained["svm"])
+    assert list(read_manifest(models_dir, _trust()).models) == ["svm"]
+
+
+def test_rollback_keeps_the_version_it_demoted(models_dir, published, monkeypatch):
+    monkeypatch.setenv("MODEL_HISTORY", "1")
+    bad = export_raw(models_dir, "knn", b"x")
+    promote(models_dir, "knn", bad)
+    for _ in range(2):
+        export_raw(models_dir, "knn", b"y")  # newer candidates
+    done = _cli(models_dir, "rollback", "knn", MODEL_HISTORY="1")
+    assert done.returncode == 0, done.stderr
+    assert bad in version_ids(models_dir, "knn")
+    assert read_manifest(models_dir, _trust()).models["knn"].held_back[bad].startswith(
+        writer.ROLLED_BACK)
+
+
+def test_a_promoted_version_that_cannot_be_scored_keeps_the_gate_closed(models_dir, published):
+    """Someone without the key spoils the promoted pickle: the gate must not then promote a
+    version on its own accuracy alone."""
+    promoted = models_dir / "svm" / published.versions["svm"] / "model.pkl"
+    promoted.write_bytes(promoted.read_bytes() + b"\0")
+    result = publish(models_dir, published.trained["svm"], min_accuracy=0.5)
+    assert result["gate"]["promote"] is False
+    assert "could not be scored" in result["gate"]["reason"]
+    assert read_manifest(models_dir, _trust()).models["svm"].promoted == published.versions["svm"]
+
+
+def test_the_gate_decision_is_taken_from_the_signed_metadata_not_the_xcom(models_dir, published):
+    from penguins.publishing import record_run
+
+    held = publish(models_dir, published.trained["knn"], min_accuracy=1.01)
+    forged = {**held, "gate": {**held["gate"], "promote": True}}
+    _, held_back = record_run(models_dir, private_key(), run_id="forged", results=[forged])
+    assert "below min_accuracy 1.01" in held_back["knn"]
+    assert read_manifest(models_dir, _trust()).models["knn"].promoted == published.versions["knn"]
+
+
+def test_a_signed_document_with_a_repeated_key_is_refused(models_dir):
+    version = export_raw(models_dir, "svm", b"payload")
+    path = models_dir / "svm" / version / "metadata.json"
+    text = path.read_text()
+    path.write_text(text.replace('{', '{"pickle_sha256": "' + "e" * 64 + '", ', 1))
+    with pytest.raises(StoreError, match="not valid JSON"):
+        read_metadata(models_dir, "svm", version, _trust())
+
+
+def test_promote_checks_the_version_under_the_lock(models_dir, published):
+    missing = "20000101T000000.000000Z"
+    done = _cli(models_dir, "promote", "svm", missing)
+    assert done.returncode == 1 and "svm/20000101T000000.000000Z" in done.stderr
+    assert read_manifest(models_dir, _trust()).models["svm"].promoted == published.versions["svm"]

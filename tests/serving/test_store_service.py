@@ -80,8 +80,12 @@ def test_a_refused_promotion_keeps_the_last_good_version_answering(client, model
     assert f"still serving {good}" in info["problem"]
     assert client.post("/predict/knn", json=PENGUIN).json()["model"]["version"] == good
 
-    fixed = publish(models_dir, published.trained["knn"])["version"]
-    wait_until(lambda: served_version(client, "knn") == fixed)
+    # The gate cannot score the broken promoted version, so it stays closed; a person decides.
+    fixed = publish(models_dir, published.trained["knn"])
+    assert fixed["gate"]["promote"] is False
+    assert f"the promoted version {bad} could not be scored" in fixed["gate"]["reason"]
+    promote(models_dir, "knn", fixed["version"])
+    wait_until(lambda: served_version(client, "knn") == fixed["version"])
     assert client.get("/models/knn").json()["problem"] is None
 
 
@@ -144,3 +148,34 @@ def test_the_watcher_thread_stops_with_the_service(make_client, models_dir):
     assert any(t.name == "models-watcher" for t in threading.enumerate())
     client.__exit__(None, None, None)
     wait_until(lambda: not any(t.name == "models-watcher" for t in threading.enumerate()))
+
+
+def test_a_load_that_failed_through_no_fault_of_the_version_is_tried_again(
+        make_client, models_dir, published, monkeypatch):
+    """A loader stopped by its wall-clock limit (a busy machine) is retried, not refused for
+    good: the version's files never change, so a refusal by its files' stamps would stick."""
+    from serving import registry
+
+    monkeypatch.setattr(registry, "RETRY_SECONDS", 0.5)
+    client = make_client(models_dir, loader_timeout_seconds=1.0)
+    version = publish(models_dir, published.trained["random_forest"], min_accuracy=1.01)["version"]
+    wait_until(lambda: _versions(client, "random_forest").get(version, {}).get("loaded"))
+    slow = client.app.state.registry._loader
+    real = slow.load
+    calls = []
+
+    def first_times_out(files):
+        calls.append(files.info.version)
+        if len(calls) == 1:
+            from serving.loader import LoadError
+            raise LoadError("the loader took longer than 1 s (SERVING_LOADER_TIMEOUT_SECONDS); "
+                            "stopped", transient=True)
+        return real(files)
+
+    monkeypatch.setattr(slow, "load", first_times_out)
+    again = export_raw(models_dir, "random_forest",
+                       (models_dir / "random_forest" / version / "model.pkl").read_bytes())
+    wait_until(lambda: _versions(client, "random_forest").get(again, {}).get("state")
+               == "refused")
+    wait_until(lambda: _versions(client, "random_forest").get(again, {}).get("loaded"))
+    assert calls == [again, again]

@@ -36,12 +36,14 @@ def decide(accuracy: float, baseline_version: str | None, baseline_accuracy: flo
     if accuracy < min_accuracy:
         return decision(False, f"held-out accuracy {accuracy:.4f} is below min_accuracy "
                                f"{min_accuracy:g}")
+    if baseline_problem:
+        # Fail closed: a promoted version made unreadable must not open the gate.
+        return decision(False, f"the promoted version {baseline_version} could not be scored "
+                               f"on the same rows ({baseline_problem}); promote this version "
+                               "by hand if it should replace it")
     if baseline_accuracy is None:
-        before = (f"the promoted version {baseline_version} could not be scored "
-                  f"({baseline_problem})" if baseline_problem
-                  else "no version was promoted before")
         return decision(True, f"held-out accuracy {accuracy:.4f} >= min_accuracy "
-                              f"{min_accuracy:g}; {before}")
+                              f"{min_accuracy:g}; no version was promoted before")
     drop = baseline_accuracy - accuracy
     if drop > max_regression:
         return decision(False, f"held-out accuracy {accuracy:.4f} is {drop:.4f} below the "

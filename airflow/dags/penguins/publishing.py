@@ -27,7 +27,7 @@ from serving.settings import DEFAULT_MODELS_DIR
 from serving.store import signing
 from serving.store.documents import MAX_PICKLE_BYTES, Manifest, ModelEntry
 from serving.store.layout import StoreError
-from serving.store.reader import Trust, read_manifest, read_version
+from serving.store.reader import Trust, read_manifest, read_metadata, read_version
 from serving.store.writer import change_manifest, export_version, held_back, promoted
 from serving.unpickler import RefusedPickle, load_model_pickle
 
@@ -105,24 +105,31 @@ def gate(trained: TrainedModel, baseline: Baseline, *, min_accuracy: float,
 def record_run(directory: Path, key: Ed25519PrivateKey, *, run_id: str,
                results: list[dict[str, Any]]) -> tuple[Manifest, dict[str, str]]:
     """Promote the run's versions that passed the gate and hold back the others, in one signed
-    manifest. ``results`` are the training tasks' XComs. Returns the manifest and, per model
-    held back, why.
+    manifest. ``results`` are the training tasks' XComs, which name the versions; the gate's
+    decision is read from each version's signed metadata, not from the XCom. Returns the
+    manifest and, per model held back, why.
 
     A version that passed is still held back if another version was promoted since it was
     scored: it was compared with a version that is no longer the one it would replace.
     """
     held: dict[str, str] = {}
+    trust = Trust(key.public_key())
 
     def change(current: Manifest) -> dict[str, ModelEntry]:
         entries = dict(current.models)
         for result in results:
-            name, version, decision = result["model_name"], result["version"], result["gate"]
+            name, version = result["model_name"], result["version"]
+            decision = read_metadata(directory, name, version, trust).metadata.get("gate")
+            if not isinstance(decision, dict):
+                decision = {"promote": False, "baseline_version": None,
+                            "reason": "its signed metadata holds no gate decision"}
             entry = entries.get(name, ModelEntry())
-            reason = decision["reason"]
-            if decision["promote"] and entry.promoted != decision["baseline_version"]:
+            reason = str(decision.get("reason"))
+            if decision.get("promote") is True and \
+                    entry.promoted != decision.get("baseline_version"):
                 reason = (f"passed the gate against {decision['baseline_version']}, but "
                           f"{entry.promoted} was promoted meanwhile; promote it by hand if wanted")
-            elif decision["promote"]:
+            elif decision.get("promote") is True:
                 entries[name] = promoted(entry, version)
                 continue
             held[name] = reason
