@@ -306,15 +306,14 @@ class Features:
 class CompiledPredictor:
     """A ``Predictor`` that computes what the pipeline computes, without pandas or validation."""
 
-    fast = True
-
     def __init__(self, kind: str, n_classes: int, features: Features,
-                 estimate: Callable[[np.ndarray], Answer]) -> None:
+                 estimate: Callable[[np.ndarray], Answer], work_per_row: int) -> None:
         """Use ``from_spec``: this trusts its arguments."""
         self.kind = kind
         self.n_classes = n_classes
         self.features = features
         self._estimate = estimate
+        self.fast = work_per_row <= FAST_WORK_PER_ROW
 
     @classmethod
     def from_spec(cls, spec: Any, *, n_classes: int | None = None) -> CompiledPredictor:
@@ -323,7 +322,8 @@ class CompiledPredictor:
         checked = compiled_spec.validate(spec, n_classes)
         kind, classes = checked["kind"], checked["n_classes"]
         return cls(kind, classes, Features(checked["features"]),
-                   _BUILDERS[kind](checked["estimator"], classes))
+                   _BUILDERS[kind](checked["estimator"], classes),
+                   _work_per_row(checked["estimator"], classes))
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, n_classes: int) -> CompiledPredictor:
@@ -334,6 +334,24 @@ class CompiledPredictor:
 
     def predict(self, rows: Sequence[Row]) -> Answer:
         return self._estimate(self.features.matrix(rows))
+
+
+FAST_WORK_PER_ROW = 2_000_000
+"""A model that touches more stored numbers than this for one row (a k-NN over a few hundred
+thousand training rows, an SVM over a thousand classes) is not run on the event loop, where
+its milliseconds would hold up every other request, ``/health`` included."""
+
+
+def _work_per_row(estimator: Spec, n_classes: int) -> int:
+    """The stored numbers one row's prediction goes through, roughly: every array, and for the
+    SVM its one-vs-one pairs, which are walked in Python."""
+    stored = 0
+    for value in estimator.values():
+        if isinstance(value, np.ndarray):
+            stored += value.size
+        elif isinstance(value, dict):
+            stored += sum(v.size for v in value.values() if isinstance(v, np.ndarray))
+    return stored + n_classes * (n_classes - 1) // 2 * 100
 
 
 def _logistic_regression(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
+import anyio.to_thread
 import msgspec
 from litestar import get, post
 from litestar.datastructures import State
@@ -132,7 +133,7 @@ def list_versions(model_name: ModelName, state: State) -> ModelVersions:
 async def predict_best(data: JSONBody[Penguin], state: State) -> Prediction:
     """The species of one penguin, according to the best model."""
     snapshot = _registry(state).snapshot
-    return _predict_one(state, _served(snapshot, snapshot.best_model), data)
+    return await _predict_one(state, _served(snapshot, snapshot.best_model), data)
 
 
 @post("/predict/{model_name:str}", tags=["predict"], status_code=200,
@@ -141,7 +142,8 @@ async def predict(model_name: ModelName, data: JSONBody[Penguin], state: State,
                   version: Version = None) -> Prediction:
     """The species of one penguin, according to the model ``model_name`` (its promoted
     version, or the kept ``version``)."""
-    return _predict_one(state, _served(_registry(state).snapshot, model_name, version), data)
+    return await _predict_one(state, _served(_registry(state).snapshot, model_name, version),
+                              data)
 
 
 _CEILING_ANSWER = Prediction(
@@ -221,10 +223,12 @@ def _no_model(snapshot: Snapshot) -> str:
     return NO_MODEL_MESSAGE
 
 
-def _predict_one(state: State, model: ServedVersion, penguin: Penguin) -> Prediction:
-    # Compiled predictors answer in tens of microseconds: less than handing the row to a worker
-    # thread and back, so they run on the event loop.
-    (answer,) = _classify(state, model, [penguin])
+async def _predict_one(state: State, model: ServedVersion, penguin: Penguin) -> Prediction:
+    if model.predictor.fast:
+        # Tens of microseconds: less than handing the row to a worker thread and back.
+        (answer,) = _classify(state, model, [penguin])
+    else:
+        (answer,) = await anyio.to_thread.run_sync(_classify, state, model, [penguin])
     return Prediction(
         species=answer.species, probabilities=answer.probabilities, model=_version(model)
     )

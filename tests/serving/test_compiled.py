@@ -7,6 +7,7 @@ import pickle
 
 import msgspec
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.tree import DecisionTreeClassifier
 
@@ -111,3 +112,19 @@ def test_distances_are_computed_in_blocks_with_the_same_answers(published, rows,
     blocked = CompiledPredictor.from_pipeline(pipeline, len(contract.SPECIES)).predict(rows)
     np.testing.assert_array_equal(blocked[0], whole[0])
     np.testing.assert_allclose(blocked[1], whole[1], rtol=0, atol=1e-12)
+
+
+def test_a_model_with_many_stored_points_is_not_run_on_the_event_loop(published):
+    """k-NN over 250,000 training rows touches millions of numbers per penguin: such a model is
+    answered from a worker thread, so that it cannot hold up the event loop (and /health)."""
+    clean = published.clean
+    many = clean.sample(250_000, replace=True, random_state=0)
+    labels, _ = training.encode_labels(many[contract.LABEL])
+    pipeline = models.build_model("knn", 42).fit(many[list(contract.FEATURES)], labels)
+    large = CompiledPredictor.from_pipeline(pipeline, len(contract.SPECIES))
+    small = CompiledPredictor.from_pipeline(published.trained["knn"].pipeline,
+                                            len(contract.SPECIES))
+    assert (large.fast, small.fast) == (False, True)
+    codes, _ = large.predict([PENGUIN])
+    frame = pd.DataFrame([PENGUIN], columns=list(contract.FEATURES))
+    assert codes.tolist() == pipeline.predict(frame).tolist()
