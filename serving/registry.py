@@ -92,13 +92,9 @@ class ModelState:
         """(promoted | previous | held back | candidate | refused | loading, why)."""
         if version in self.refused:
             return "refused", self.refused[version].message
-        if version == self.entry.promoted:
-            return ("promoted", None) if version in self.loaded else ("loading", None)
-        if version in self.entry.held_back:
-            return "held back", self.entry.held_back[version]
-        if version in self.entry.history:
-            return "previous", None
-        return "candidate", None
+        if version == self.entry.promoted and version not in self.loaded:
+            return "loading", None
+        return self.entry.state_of(version)
 
     @property
     def problem(self) -> str | None:
@@ -122,7 +118,6 @@ class Snapshot:
 
     models: Mapping[str, ModelState] = field(default_factory=lambda: MappingProxyType({}))
     best_model: str | None = None
-    manifest_sequence: int = 0
     store_problem: str | None = None
     """Why the manifest, or the store as a whole, is not being followed right now."""
 
@@ -439,7 +434,7 @@ class ModelRegistry:
         best = self._manifest.best_model
         if best not in models or models[best].served is None:
             best = _best_served(models)
-        self._snapshot = Snapshot(MappingProxyType(models), best, self._manifest.sequence,
+        self._snapshot = Snapshot(MappingProxyType(models), best,
                                   self._manifest_problem or self._folder_problem)
 
 

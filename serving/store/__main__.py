@@ -76,10 +76,10 @@ def _list(models_dir: Path) -> int:
           f"{manifest.best_model or '-'}")
     names = sorted({*manifest.models, *_model_folders(models_dir)})
     for model in names:
-        entry = manifest.models.get(model)
+        entry = manifest.models.get(model, ModelEntry())
         print(f"\n{model}")
         for version in reversed(version_ids(models_dir, model)):
-            state = _state(entry, version)
+            state, reason = entry.state_of(version)
             try:
                 info = read_metadata(models_dir, model, version, trust)
                 metrics = info.metadata["metrics"]
@@ -89,19 +89,9 @@ def _list(models_dir: Path) -> int:
             except (OSError, StoreError) as exc:
                 state, detail = "refused", str(exc)
             print(f"  {version}  {state:<10} {detail}")
-            if entry and version in entry.held_back:
-                print(f"  {'':23}  held back: {entry.held_back[version]}")
+            if reason:
+                print(f"  {'':23}  held back: {reason}")
     return 0
-
-
-def _state(entry, version: str) -> str:
-    if entry is None:
-        return "candidate"
-    if version == entry.promoted:
-        return "promoted"
-    if version in entry.history:
-        return "previous"
-    return "held back" if version in entry.held_back else "candidate"
 
 
 def _change(models_dir: Path, args: argparse.Namespace) -> int:

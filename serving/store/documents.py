@@ -26,6 +26,17 @@ class ModelEntry:
     held_back: dict[str, str] = field(default_factory=dict)
     """Candidates the gate did not promote, with why."""
 
+    def state_of(self, version: str) -> tuple[str, str | None]:
+        """What the manifest makes of ``version``: (promoted | previous | held back |
+        candidate, why)."""
+        if version == self.promoted:
+            return "promoted", None
+        if version in self.held_back:
+            return "held back", self.held_back[version]
+        if version in self.history:
+            return "previous", None
+        return "candidate", None
+
     def as_json(self) -> dict[str, Any]:
         return {"promoted": self.promoted, "history": list(self.history),
                 "held_back": dict(self.held_back)}

@@ -204,13 +204,17 @@ def test_the_key_pair_is_made_once_with_the_private_key_for_its_owner_only(tmp_p
 
 
 def test_a_bad_key_file_is_refused_without_showing_its_contents(tmp_path):
-    secret = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----"
-    path = tmp_path / "private.pem"
-    path.write_text(secret)
+    """A real private key, made here and then damaged: the refusal quotes none of it."""
+    private, public = tmp_path / "private.pem", tmp_path / "public.pem"
+    signing.ensure_key_pair(private, public)
+    lines = private.read_text().splitlines()
+    body = lines[1:-1]
+    private.write_text("\n".join([lines[0], *(line[::-1] for line in body), lines[-1]]))
     with pytest.raises(StoreError) as refused:
-        signing.load_private_key(path)
+        signing.load_private_key(private)
     assert "is not a PEM key" in str(refused.value)
-    assert "c2VjcmV0" not in str(refused.value)
+    assert not any(line[::-1] in str(refused.value) or line in str(refused.value)
+                   for line in body)
 
 
 # --- python -m serving.store --------------------------------------------------------------------
