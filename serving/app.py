@@ -1,8 +1,10 @@
-"""The ASGI application: ``uvicorn serving.app:app --port 8989``.
+"""The ASGI application factory: ``uvicorn --factory serving.app:create_app --port 8989``.
 
-``create_app`` wires the routes to a model registry that watches ``MODELS_DIR`` for as long as the
-application runs (started and stopped by the ``lifespan``), plus the OpenAPI page, whose
-JavaScript and CSS the service serves itself so that it renders with no internet access.
+``create_app`` builds the service for its settings: a model registry that watches ``MODELS_DIR``
+for as long as the application runs (started and stopped by the ``lifespan``), handed with the
+metrics and the settings to the routes as dependencies, plus the OpenAPI page, whose JavaScript
+and CSS the service serves itself so that it renders with no internet access. Nothing is built
+at import.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import anyio.to_thread
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -66,15 +68,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[
-            routes.health, routes.ready, routes.metrics, routes.list_models, routes.get_model,
-            routes.list_versions,
-            routes.predict_best, routes.predict, *routes.batch_routes(settings.max_batch_rows),
+            *routes.routers(settings.max_batch_rows,
+                            benchmark_endpoints=settings.benchmark_endpoints),
             create_static_files_router(
                 path="/static", directories=[STATIC_DIR], include_in_schema=False
             ),
-            *([routes.ceiling] if settings.benchmark_endpoints else []),
         ],
-        state=State({"registry": registry, "metrics": metrics, "settings": settings}),
+        dependencies={
+            "registry": _constant(registry),
+            "metrics": _constant(metrics),
+            "settings": _constant(settings),
+        },
         lifespan=[lifespan],
         before_request=decode_body_strictly,
         request_class=StrictRequest,
@@ -96,6 +100,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     _document_refused_fields(app)
     return app
+
+
+def _constant(value: object) -> Provide:
+    """A dependency that is the same object for every request."""
+    return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
 
 def _registry(settings: Settings, metrics: Metrics) -> ModelRegistry:
@@ -196,6 +205,3 @@ def _log_exception(logger: logging.Logger, scope: Scope, tb: list[str]) -> None:
         return
     logger.exception("Uncaught exception (connection_type=%s, path=%r):", scope["type"],
                      scope.get("path_template") or scope["path"])
-
-
-app = create_app()

@@ -1,4 +1,6 @@
-"""The HTTP routes: thin handlers around the registry's current snapshot.
+"""The HTTP routes: thin handlers around the registry's current snapshot, grouped in one
+``Router`` per OpenAPI tag. Handlers receive the registry and the metrics as dependencies
+(``registry``, ``metrics``: see ``serving.app``).
 
 Nothing a caller sends reaches the filesystem: a model name is checked against the name pattern,
 then looked up among the models already loaded.
@@ -11,14 +13,15 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
-from litestar import get, post
-from litestar.datastructures import State
+from litestar import Router, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ServiceUnavailableException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
 
 from serving.contract import MODEL_NAME_PATTERN, MODEL_NAMES
+from serving.metrics import Metrics
 from serving.registry import ModelRegistry, ModelState, ServedVersion, Snapshot
 from serving.schemas import (
     BatchPrediction,
@@ -41,6 +44,11 @@ NO_MODEL_MESSAGE = (
     "(run the penguins_pipeline DAG), or none of the promoted versions could be loaded "
     "(see GET /models)."
 )
+
+Registry = NamedDependency[ModelRegistry]
+"""The service's model registry, a dependency (``serving.app``)."""
+MetricsRecorder = NamedDependency[Metrics]
+"""The service's metrics, a dependency (``serving.app``)."""
 
 ModelName = Annotated[
     str,
@@ -72,33 +80,33 @@ _BEST_RESPONSES: dict[int, ResponseSpec] = {413: _TOO_LARGE, 503: _UNAVAILABLE}
 _PREDICT_RESPONSES: dict[int, ResponseSpec] = {404: _NOT_FOUND, **_BEST_RESPONSES}
 
 
-@get("/health", tags=["service"], sync_to_thread=False)
+@get("/health", sync_to_thread=False)
 def health() -> Health:
     """The process is up and answering (whether or not a model is loaded yet)."""
     return Health(status="ok")
 
 
-@get("/ready", tags=["service"], sync_to_thread=False, responses={503: _UNAVAILABLE})
-def ready(state: State) -> Readiness:
+@get("/ready", sync_to_thread=False, responses={503: _UNAVAILABLE})
+def ready(registry: Registry) -> Readiness:
     """At least one model is loaded and can answer predictions; 503 until then."""
-    snapshot = _registry(state).snapshot
+    snapshot = registry.snapshot
     served = snapshot.served()
     if not served:
         raise ServiceUnavailableException(_no_model(snapshot))
     return Readiness(ready=True, models_loaded=len(served), best_model=snapshot.best_model)
 
 
-@get("/metrics", tags=["service"], sync_to_thread=False,
+@get("/metrics", sync_to_thread=False,
      media_type="text/plain; version=0.0.4")
-def metrics(state: State) -> str:
+def metrics(registry: Registry, metrics: MetricsRecorder) -> str:
     """Prometheus metrics: requests and latencies per route and per model, reloads, load errors."""
-    return state.metrics.render(models_loaded=len(_registry(state).snapshot.served()))
+    return metrics.render(models_loaded=len(registry.snapshot.served()))
 
 
-@get("/models", tags=["models"], sync_to_thread=False)
-def list_models(state: State) -> ModelList:
+@get("/", sync_to_thread=False)
+def list_models(registry: Registry) -> ModelList:
     """Every model in the store, the version each one answers with, and which is the best."""
-    snapshot = _registry(state).snapshot
+    snapshot = registry.snapshot
     return ModelList(
         best_model=snapshot.best_model,
         models=[_model_info(snapshot, model) for model in snapshot.models.values()],
@@ -106,20 +114,20 @@ def list_models(state: State) -> ModelList:
     )
 
 
-@get("/models/{model_name:str}", tags=["models"], sync_to_thread=False,
+@get("/{model_name:str}", sync_to_thread=False,
      responses={404: _NOT_FOUND})
-def get_model(model_name: ModelName, state: State) -> ModelInfo:
+def get_model(model_name: ModelName, registry: Registry) -> ModelInfo:
     """One model: the version it answers with, its metadata, and what is wrong, if anything."""
-    snapshot = _registry(state).snapshot
+    snapshot = registry.snapshot
     return _model_info(snapshot, _model(snapshot, model_name))
 
 
-@get("/models/{model_name:str}/versions", tags=["models"], sync_to_thread=False,
+@get("/{model_name:str}/versions", sync_to_thread=False,
      responses={404: _NOT_FOUND})
-def list_versions(model_name: ModelName, state: State) -> ModelVersions:
+def list_versions(model_name: ModelName, registry: Registry) -> ModelVersions:
     """Every kept version of a model, newest first: its metrics, training time, run id, and
     state (promoted, previous, held back by the gate, candidate, or refused, with why)."""
-    model = _model(_registry(state).snapshot, model_name)
+    model = _model(registry.snapshot, model_name)
     return ModelVersions(
         name=model.name, promoted=model.entry.promoted,
         served=model.served.version if model.served else None,
@@ -129,21 +137,21 @@ def list_versions(model_name: ModelName, state: State) -> ModelVersions:
     )
 
 
-@post("/predict", tags=["predict"], status_code=200, responses=_BEST_RESPONSES)
-async def predict_best(data: JSONBody[Penguin], state: State) -> Prediction:
+@post("/predict", status_code=200, responses=_BEST_RESPONSES)
+async def predict_best(data: JSONBody[Penguin], registry: Registry, metrics: MetricsRecorder
+                       ) -> Prediction:
     """The species of one penguin, according to the best model."""
-    snapshot = _registry(state).snapshot
-    return await _predict_one(state, _served(snapshot, snapshot.best_model), data)
+    snapshot = registry.snapshot
+    return await _predict_one(metrics, _served(snapshot, snapshot.best_model), data)
 
 
-@post("/predict/{model_name:str}", tags=["predict"], status_code=200,
+@post("/predict/{model_name:str}", status_code=200,
       responses=_PREDICT_RESPONSES)
-async def predict(model_name: ModelName, data: JSONBody[Penguin], state: State,
-                  version: Version = None) -> Prediction:
+async def predict(model_name: ModelName, data: JSONBody[Penguin], registry: Registry,
+                  metrics: MetricsRecorder, version: Version = None) -> Prediction:
     """The species of one penguin, according to the model ``model_name`` (its promoted
     version, or the kept ``version``)."""
-    return await _predict_one(state, _served(_registry(state).snapshot, model_name, version),
-                              data)
+    return await _predict_one(metrics, _served(registry.snapshot, model_name, version), data)
 
 
 _CEILING_ANSWER = Prediction(
@@ -160,34 +168,44 @@ async def ceiling(data: JSONBody[Penguin]) -> Prediction:
     return _CEILING_ANSWER
 
 
-def batch_routes(max_rows: int) -> list[HTTPRouteHandler]:
+def routers(max_batch_rows: int, *, benchmark_endpoints: bool = False) -> list[Router]:
+    """Every route, one ``Router`` per OpenAPI tag; the batch routes take at most
+    ``max_batch_rows`` penguins, and ``/benchmark/ceiling`` is there only if asked for."""
+    return [
+        Router("/", tags=["service"], route_handlers=[health, ready, metrics]),
+        Router("/models", tags=["models"], route_handlers=[list_models, get_model, list_versions]),
+        Router("/", tags=["predict"], route_handlers=[
+            predict_best, predict, *_batch_routes(max_batch_rows),
+            *([ceiling] if benchmark_endpoints else []),
+        ]),
+    ]
+
+
+def _batch_routes(max_rows: int) -> list[HTTPRouteHandler]:
     """The batch routes, whose request type carries the configured limit of ``max_rows``."""
     BatchRequest = batch_request_type(max_rows)  # noqa: N806 - a type, named as one
     namespace = {"BatchRequest": BatchRequest}
     limit = f"A batch holds 1 to {max_rows} penguins (setting MAX_BATCH_ROWS)."
 
-    @post("/predict-batch", tags=["predict"], status_code=200, sync_to_thread=True,
+    @post("/predict-batch", status_code=200, sync_to_thread=True,
           signature_namespace=namespace, responses=_BEST_RESPONSES,
           description=f"The species of each penguin, according to the best model. {limit}")
-    def predict_batch_best(data: JSONBody[BatchRequest], state: State) -> BatchPrediction:
-        snapshot = _registry(state).snapshot
-        return _predict_batch(state, _served(snapshot, snapshot.best_model), data.penguins)
+    def predict_batch_best(data: JSONBody[BatchRequest], registry: Registry,
+                           metrics: MetricsRecorder) -> BatchPrediction:
+        snapshot = registry.snapshot
+        return _predict_batch(metrics, _served(snapshot, snapshot.best_model), data.penguins)
 
-    @post("/predict-batch/{model_name:str}", tags=["predict"], status_code=200,
+    @post("/predict-batch/{model_name:str}", status_code=200,
           sync_to_thread=True, signature_namespace=namespace, responses=_PREDICT_RESPONSES,
           description=f"The species of each penguin, according to ``model_name``. {limit}")
     def predict_batch(
-        model_name: ModelName, data: JSONBody[BatchRequest], state: State,
-        version: Version = None,
+        model_name: ModelName, data: JSONBody[BatchRequest], registry: Registry,
+        metrics: MetricsRecorder, version: Version = None,
     ) -> BatchPrediction:
-        return _predict_batch(state, _served(_registry(state).snapshot, model_name, version),
+        return _predict_batch(metrics, _served(registry.snapshot, model_name, version),
                               data.penguins)
 
     return [predict_batch_best, predict_batch]
-
-
-def _registry(state: State) -> ModelRegistry:
-    return state.registry
 
 
 def _served(snapshot: Snapshot, name: str | None, version: str | None = None) -> ServedVersion:
@@ -223,28 +241,28 @@ def _no_model(snapshot: Snapshot) -> str:
     return NO_MODEL_MESSAGE
 
 
-async def _predict_one(state: State, model: ServedVersion, penguin: Penguin) -> Prediction:
+async def _predict_one(metrics: Metrics, model: ServedVersion, penguin: Penguin) -> Prediction:
     if model.predictor.fast:
         # Tens of microseconds: less than handing the row to a worker thread and back.
-        (answer,) = _classify(state, model, [penguin])
+        (answer,) = _classify(metrics, model, [penguin])
     else:
-        (answer,) = await anyio.to_thread.run_sync(_classify, state, model, [penguin])
+        (answer,) = await anyio.to_thread.run_sync(_classify, metrics, model, [penguin])
     return Prediction(
         species=answer.species, probabilities=answer.probabilities, model=_version(model)
     )
 
 
-def _predict_batch(state: State, model: ServedVersion, penguins: list[Penguin]
+def _predict_batch(metrics: Metrics, model: ServedVersion, penguins: list[Penguin]
                    ) -> BatchPrediction:
-    return BatchPrediction(model=_version(model), predictions=_classify(state, model, penguins))
+    return BatchPrediction(model=_version(model), predictions=_classify(metrics, model, penguins))
 
 
-def _classify(state: State, model: ServedVersion, penguins: list[Penguin]
+def _classify(metrics: Metrics, model: ServedVersion, penguins: list[Penguin]
               ) -> list[SpeciesPrediction]:
     rows = [msgspec.structs.asdict(penguin) for penguin in penguins]
     started = time.perf_counter()
     codes, probabilities = model.predictor.predict(rows)
-    state.metrics.observe_prediction(model.name, len(rows), time.perf_counter() - started)
+    metrics.observe_prediction(model.name, len(rows), time.perf_counter() - started)
     classes = model.classes
     # Python numbers first (`tolist`): iterating NumPy arrays makes a NumPy scalar per value.
     # Not `strict` zips, a third of the time on a batch: the shapes are checked at load time.
