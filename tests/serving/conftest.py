@@ -26,6 +26,7 @@ from litestar.testing import TestClient
 
 from penguins import cleaning, contract, publishing, training
 from serving.app import create_app
+from serving.registry import ModelRegistry
 from serving.settings import Settings
 from serving.store import signing, writer
 from serving.store.documents import ModelEntry
@@ -106,6 +107,11 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
             return stack.enter_context(TestClient(app))
 
         yield make
+
+
+def registry_of(client: TestClient) -> ModelRegistry:
+    """The registry behind ``client``'s app, as its routes receive it (a dependency)."""
+    return client.app.dependencies["registry"].dependency()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from serving.compiled import CompiledPredictor, check_rows
 from serving.predictors import TOLERANCE
 from serving.schemas import Penguin
 from serving.settings import Settings
-from tests.serving.conftest import PENGUIN, export_raw, promote, wait_until
+from tests.serving.conftest import PENGUIN, export_raw, promote, registry_of, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def rows(published) -> list[dict]:
 @pytest.mark.parametrize("model_name", contract.MODEL_NAMES)
 def test_the_service_serves_each_model_compiled_with_its_own_answers(
         client, published, rows, model_name):
-    served = client.app.state.registry.snapshot.models[model_name].served
+    served = registry_of(client).snapshot.models[model_name].served
     assert isinstance(served.predictor, CompiledPredictor)
 
     response = client.post(f"/predict-batch/{model_name}", json={"penguins": rows})

@@ -17,6 +17,7 @@ from tests.serving.conftest import (
     private_key,
     promote,
     publish,
+    registry_of,
     served_version,
     wait_until,
 )
@@ -160,7 +161,7 @@ def test_a_load_that_failed_through_no_fault_of_the_version_is_tried_again(
     client = make_client(models_dir, loader_timeout_seconds=1.0)
     version = publish(models_dir, published.trained["random_forest"], min_accuracy=1.01)["version"]
     wait_until(lambda: _versions(client, "random_forest").get(version, {}).get("loaded"))
-    slow = client.app.state.registry._loader
+    slow = registry_of(client)._loader
     real = slow.load
     calls = []
 
