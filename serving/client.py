@@ -7,7 +7,13 @@ As a library::
     with PenguinsClient("http://127.0.0.1:8989") as client:
         answer = client.predict(island="Biscoe", bill_length_mm=39.1, bill_depth_mm=18.7,
                                 flipper_length_mm=181, body_mass_g=3750, sex="male", year=2007)
-        print(answer["species"], answer["probabilities"])
+        print(answer.species, answer.probabilities, answer.model.version)
+
+Answers are typed: the service's own response structs (``serving.schemas``), decoded and checked
+by msgspec. Every call has a connect and a read timeout, and is tried again, with exponential
+back-off, when the connection fails or the service answers 502, 503 or 504 (honouring a
+``Retry-After``): every call of this service is idempotent, its POSTs included, which only
+compute predictions. ``ready()`` is asked once, so that it says promptly what it finds.
 
 From the command line (``--url`` defaults to ``$PENGUINS_SERVICE_URL`` or
 ``http://127.0.0.1:8989``)::
@@ -16,8 +22,6 @@ From the command line (``--url`` defaults to ``$PENGUINS_SERVICE_URL`` or
     python -m serving.client predict --model svm --island Biscoe --bill-length-mm 39.1 \\
         --bill-depth-mm 18.7 --flipper-length-mm 181 --body-mass-g 3750 --sex male --year 2007
     python -m serving.client batch penguins.json      # a JSON list of penguins; '-' for stdin
-
-It needs only ``requests``: nothing else of the service is imported.
 """
 
 from __future__ import annotations
@@ -27,14 +31,32 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
+import msgspec
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from serving.contract import FEATURES, ISLANDS, PLAUSIBLE_RANGES, SEXES
+from serving.schemas import (
+    BatchPrediction,
+    Health,
+    ModelInfo,
+    ModelList,
+    ModelVersions,
+    Prediction,
+    Readiness,
+)
 
 DEFAULT_URL = os.environ.get("PENGUINS_SERVICE_URL") or "http://127.0.0.1:8989"
+DEFAULT_TIMEOUT = (3.05, 10.0)
+"""Seconds to connect, and to wait for the answer once connected."""
+RETRIED_STATUSES = (502, 503, 504)
+"""A proxy that lost the service, a service not ready yet or restarting, a gateway timeout."""
+
+Answer = TypeVar("Answer")
 
 
 class ServiceError(Exception):
@@ -45,53 +67,70 @@ class ServiceError(Exception):
         self.status_code, self.detail, self.extra = status_code, detail, extra
 
 
-class PenguinsClient:
-    """Calls the service's endpoints and returns their JSON; raises ServiceError on a 4xx/5xx."""
+def retry_policy(retries: int = 3, backoff_seconds: float = 0.25) -> Retry:
+    """Up to ``retries`` more tries of any call: the first at once, the next after
+    ``backoff_seconds`` x 2, 4, 8, ... (or what ``Retry-After`` asks); after the last, its
+    answer is returned, for ServiceError to report."""
+    return Retry(total=retries, backoff_factor=backoff_seconds,
+                 status_forcelist=RETRIED_STATUSES, allowed_methods={"GET", "HEAD", "POST"},
+                 respect_retry_after_header=True, raise_on_status=False)
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0,
+
+class PenguinsClient:
+    """Calls the service's endpoints and returns typed answers; raises ServiceError on a 4xx or
+    5xx that is still there after the retries, and ``requests.RequestException`` when the
+    service cannot be reached."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *,
+                 timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+                 retries: int = 3, backoff_seconds: float = 0.25,
                  session: requests.Session | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = session or requests.Session()
+        # requests picks the adapter with the longest matching prefix: /ready is asked once.
+        self.session.mount(self.base_url + "/", HTTPAdapter(
+            max_retries=retry_policy(retries, backoff_seconds)))
+        self.session.mount(self.base_url + "/ready", HTTPAdapter(max_retries=Retry(
+            total=retries, status=0, backoff_factor=backoff_seconds, raise_on_status=False)))
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/health")
+    def health(self) -> Health:
+        return self._call("GET", "/health", Health)
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> Readiness:
         """The readiness report; raises ServiceError (503) while no model is loaded."""
-        return self._call("GET", "/ready")
+        return self._call("GET", "/ready", Readiness)
 
-    def models(self) -> dict[str, Any]:
+    def models(self) -> ModelList:
         """Every model with its metadata, and ``best_model``."""
-        return self._call("GET", "/models")
+        return self._call("GET", "/models", ModelList)
 
-    def model(self, name: str) -> dict[str, Any]:
-        return self._call("GET", f"/models/{quote(name, safe='')}")
+    def model(self, name: str) -> ModelInfo:
+        return self._call("GET", f"/models/{quote(name, safe='')}", ModelInfo)
 
-    def versions(self, name: str) -> dict[str, Any]:
+    def versions(self, name: str) -> ModelVersions:
         """Every kept version of ``name``, newest first, with its state and metrics."""
-        return self._call("GET", f"/models/{quote(name, safe='')}/versions")
+        return self._call("GET", f"/models/{quote(name, safe='')}/versions", ModelVersions)
 
     def predict(self, penguin: Mapping[str, Any] | None = None, *, model: str | None = None,
-                version: str | None = None, **features: Any) -> dict[str, Any]:
+                version: str | None = None, **features: Any) -> Prediction:
         """The species of one penguin, given as a mapping or as keyword arguments.
 
         ``model`` names the model (by default the service's best one answers), and ``version``
         one of its kept versions (by default its promoted one).
         """
         body = {**(penguin or {}), **features}
-        return self._call("POST", "/predict" + _model_path(model, version), body)
+        return self._call("POST", "/predict" + _model_path(model, version), Prediction, body)
 
     def predict_batch(self, penguins: Sequence[Mapping[str, Any]], *,
-                      model: str | None = None, version: str | None = None) -> dict[str, Any]:
+                      model: str | None = None, version: str | None = None) -> BatchPrediction:
         """One prediction per penguin, in order (up to the service's MAX_BATCH_ROWS)."""
         return self._call("POST", "/predict-batch" + _model_path(model, version),
-                          {"penguins": list(penguins)})
+                          BatchPrediction, {"penguins": list(penguins)})
 
     def metrics(self) -> str:
-        response = self.session.get(f"{self.base_url}/metrics", timeout=self.timeout)
-        _raise_for_error(response)
-        return response.text
+        """The Prometheus exposition text."""
+        return self._request("GET", "/metrics").text
 
     def close(self) -> None:
         self.session.close()
@@ -102,12 +141,15 @@ class PenguinsClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _call(self, method: str, path: str, answer: type[Answer], body: Any = None) -> Answer:
+        return msgspec.json.decode(self._request(method, path, body).content, type=answer)
+
+    def _request(self, method: str, path: str, body: Any = None) -> requests.Response:
         response = self.session.request(
             method, f"{self.base_url}{path}", json=body, timeout=self.timeout
         )
         _raise_for_error(response)
-        return response.json()
+        return response
 
 
 def _model_path(model: str | None, version: str | None = None) -> str:
@@ -131,7 +173,7 @@ def _raise_for_error(response: requests.Response) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 the service or network said no)."""
     args = _parser().parse_args(argv)
-    client = PenguinsClient(args.url, timeout=args.timeout)
+    client = PenguinsClient(args.url, timeout=(DEFAULT_TIMEOUT[0], args.timeout))
     try:
         result: Any
         if args.command == "predict":
@@ -165,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         client.close()
-    print(json.dumps(result, indent=2))
+    print(json.dumps(msgspec.to_builtins(result), indent=2))
     return 0
 
 
@@ -174,7 +216,8 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Ask the penguins prediction service.")
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="the service's base URL (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT[1],
+                        help="seconds to wait for each answer (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="is the service up")
     commands.add_parser("ready", help="is a model loaded")

@@ -127,25 +127,25 @@ def test_trigger_through_the_rest_api_then_predict_with_every_new_model(system, 
     trained_by = dict.fromkeys(MODEL_NAMES, run_ids[0]) | {"knn": run_ids[1]}
     with PenguinsClient(system["serving"]) as client:
         def all_new_models_served():
-            listed = client.models()["models"]
+            listed = client.models().models
             return all(
-                any(m["name"] == name and m["serving"]
-                    and m["version"]["dag_run_id"] == trained_by[name] for m in listed)
+                any(m.name == name and m.serving and m.version.dag_run_id == trained_by[name]
+                    for m in listed)
                 for name in MODEL_NAMES
             )
 
         _wait("the service's reload", all_new_models_served, 10, system["log"])
         for name in MODEL_NAMES:
             answer = client.predict(PENGUIN, model=name)
-            assert answer["species"] == "Gentoo", (name, answer)
-            assert answer["model"]["dag_run_id"] == trained_by[name]
-            assert abs(sum(answer["probabilities"].values()) - 1) < 1e-6
+            assert answer.species == "Gentoo", (name, answer)
+            assert answer.model.dag_run_id == trained_by[name]
+            assert abs(sum(answer.probabilities.values()) - 1) < 1e-6
         # k-NN's second version went through the gate against its first, on the same rows.
-        versions = client.versions("knn")["versions"]
-        assert [v["state"] for v in versions] == ["promoted", "previous"]
-        assert versions[0]["gate"]["baseline_version"] == versions[1]["version"]
-        first = client.predict(PENGUIN, model="knn", version=versions[1]["version"])
-        assert first["model"]["dag_run_id"] == run_ids[0]
+        versions = client.versions("knn").versions
+        assert [v.state for v in versions] == ["promoted", "previous"]
+        assert versions[0].gate["baseline_version"] == versions[1].version
+        first = client.predict(PENGUIN, model="knn", version=versions[1].version)
+        assert first.model.dag_run_id == run_ids[0]
 
 
 def test_the_first_start_makes_a_key_pair_and_the_service_gets_only_the_public_key(system):

@@ -17,6 +17,7 @@ import requests
 
 from penguins import contract, training
 from serving.client import PenguinsClient, ServiceError
+from serving.schemas import Health
 from serving.store import writer
 from tests.serving.conftest import (
     PENGUIN,
@@ -42,20 +43,20 @@ def test_the_service_answers_over_http(live_service):
 
 def test_the_client_library(live_service):
     with PenguinsClient(live_service.url) as client:
-        assert client.health() == {"status": "ok"}
-        assert client.ready()["ready"] is True
-        assert {m["name"] for m in client.models()["models"]} == set(contract.MODEL_NAMES)
-        assert client.model("knn")["name"] == "knn"
-        assert client.predict(PENGUIN)["species"] == "Adelie"
-        assert client.predict(model="svm", **PENGUIN)["model"]["name"] == "svm"
+        assert client.health() == Health(status="ok")
+        assert client.ready().ready is True
+        assert {m.name for m in client.models().models} == set(contract.MODEL_NAMES)
+        assert client.model("knn").name == "knn"
+        assert client.predict(PENGUIN).species == "Adelie"
+        assert client.predict(model="svm", **PENGUIN).model.name == "svm"
         batch = client.predict_batch([PENGUIN, PENGUIN], model="knn")
-        assert [p["species"] for p in batch["predictions"]] == ["Adelie", "Adelie"]
-        (kept,) = client.versions("knn")["versions"]
-        assert kept["state"] == "promoted"
-        answer = client.predict(PENGUIN, model="knn", version=kept["version"])
-        assert answer["model"]["version"] == kept["version"]
+        assert [p.species for p in batch.predictions] == ["Adelie", "Adelie"]
+        (kept,) = client.versions("knn").versions
+        assert kept.state == "promoted"
+        answer = client.predict(PENGUIN, model="knn", version=kept.version)
+        assert answer.model.version == kept.version
         with pytest.raises(ValueError, match="name the model"):
-            client.predict(PENGUIN, version=kept["version"])
+            client.predict(PENGUIN, version=kept.version)
         assert "penguins_models_loaded 5" in client.metrics()
         with pytest.raises(ServiceError) as error:
             client.predict({**PENGUIN, "year": 1900})
