@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import warnings
 
 import pytest
 
+from penguins import contract
 from tests.conftest import DAGS_FOLDER
 
 DAG_FILE = DAGS_FOLDER / "penguins_pipeline.py"
@@ -41,16 +43,58 @@ def test_the_dag_runs_the_stages_in_order(dag):
     assert dag.schedule is None or str(dag.timetable.summary) == "None"
     assert set(dag.task_ids) == {
         "check_source", "truncate", "load_raw", "preprocess", "select_models", "train",
-        "promote",
+        "promote", "check_training",
     }
     downstream = {t.task_id: {d.task_id for d in t.downstream_list} for t in dag.tasks}
     assert downstream["check_source"] == {"truncate", "load_raw"}
-    assert downstream["truncate"] == {"load_raw"}
+    # truncate hands both table names on: the raw one to load_raw, the clean one to preprocess.
+    assert downstream["truncate"] == {"load_raw", "preprocess"}
     assert downstream["load_raw"] == {"preprocess"}
     assert downstream["preprocess"] == {"train"}
     assert downstream["select_models"] == {"train", "promote"}
     assert downstream["train"] == {"promote"}
+    assert downstream["promote"] == {"check_training"}
     assert dag.get_task("promote").trigger_rule == "all_done"
+
+
+def test_the_source_the_tables_and_the_models_are_assets(dag):
+    from airflow.sdk import Asset
+
+    source = Asset(name="penguins_source_csv", uri="x-penguins://source/csv")
+    raw = Asset(name="penguins_raw", uri="x-penguins://mysql/penguins_raw")
+    clean = Asset(name="penguins_clean", uri="x-penguins://mysql/penguins_clean")
+    models = [Asset(name=f"penguins_model_{name}", uri=f"x-penguins://models/{name}")
+              for name in contract.MODEL_NAMES]
+    lineage = {t.task_id: (t.inlets, t.outlets) for t in dag.tasks}
+    assert lineage == {
+        "check_source": ([], []),
+        "truncate": ([], []),
+        "load_raw": ([source], [raw]),
+        "preprocess": ([raw], [clean]),
+        "select_models": ([], []),
+        # No outlets on the mapped copies: every copy would emit an event for each of them.
+        "train": ([clean], []),
+        "promote": ([clean], models),
+        "check_training": ([], []),
+    }
+
+
+def test_the_table_names_are_given_once_outside_the_tasks(dag):
+    """Each task works on the table names it receives; only the DAG's definitions name them."""
+    assert dag.get_task("truncate").op_kwargs == {"raw_table": contract.RAW_TABLE,
+                                                  "clean_table": contract.CLEAN_TABLE}
+    tree = ast.parse(DAG_FILE.read_text())
+    names = {contract.RAW_TABLE, contract.CLEAN_TABLE}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name != "penguins_pipeline":
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Attribute) and inner.attr in {"RAW_TABLE",
+                                                                       "CLEAN_TABLE"}:
+                    found.append(f"{node.name}: {inner.attr}")
+                if isinstance(inner, ast.Constant) and inner.value in names:
+                    found.append(f"{node.name}: {inner.value!r}")
+    assert found == []
 
 
 def test_training_is_mapped_and_named_after_each_model(dag):
@@ -72,3 +116,27 @@ def test_the_dag_has_tags_retries_one_active_run_and_validated_params(dag):
                                   "max_regression", "source_path"}
     assert (params["min_accuracy"], params["max_regression"]) == (0.9, 0.01)
     assert params["models"] == ["logistic_regression", "random_forest", "svm", "knn", "xgboost"]
+
+
+def test_the_models_param_is_a_multi_select_of_the_five_names(dag):
+    schema = dag.params.get_param("models").schema
+    names = list(contract.MODEL_NAMES)
+    # The trigger form draws a multi-select from examples; enum refuses anything else.
+    assert schema["type"] == "array"
+    assert schema["examples"] == names
+    assert schema["items"] == {"type": "string", "enum": names}
+    assert (schema["minItems"], schema["uniqueItems"]) == (1, True)
+    assert dag.params["models"] == names
+
+
+def test_every_param_has_a_title_and_a_description(dag):
+    for key in dag.params:
+        param = dag.params.get_param(key)
+        assert param.schema.get("title"), key
+        assert param.description, key
+
+
+def test_every_task_has_a_doc(dag):
+    for task in dag.tasks:
+        assert task.doc_md and task.doc_md.strip(), task.task_id
+        assert task.doc_md == task.python_callable.__doc__, task.task_id

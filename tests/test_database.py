@@ -72,9 +72,82 @@ def test_write_clean_round_trips_the_rows(db):
     assert stored["body_mass_g"].astype(float).tolist() == cleaned["body_mass_g"].tolist()
 
 
-def test_only_the_pipelines_tables_can_be_named(db):
-    with pytest.raises(ValueError, match="unknown table"):
-        read_table(db, "mysql.user; DROP TABLE penguins_raw")
+def _statements_run(conn) -> int:
+    """How many statements this connection has sent, counting this one."""
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW SESSION STATUS LIKE 'Questions'")
+        return int(cursor.fetchone()[1])
+
+
+def _tables(conn) -> set[str]:
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        return {name for (name,) in cursor.fetchall()}
+
+
+def test_the_functions_work_on_the_tables_they_are_given(db):
+    """The whole load and cleaning, on scratch tables: the rows land there, nowhere else."""
+    from penguins.cleaning import clean
+
+    create_and_empty_tables(db)
+    with db.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {contract.RAW_TABLE} (species) VALUES ('sentinel')")
+        cursor.execute("DROP TABLE IF EXISTS scratch_raw, scratch_clean")
+    try:
+        create_and_empty_tables(db, "scratch_raw", "scratch_clean")
+        assert load_raw(db, check_source(contract.default_source()), "scratch_raw") == 344
+        cleaned, _ = clean(read_table(db, "scratch_raw"))
+        assert write_clean(db, cleaned, "scratch_clean") == 333
+
+        assert count_rows(db, "scratch_raw") == 344
+        assert count_rows(db, "scratch_clean") == 333
+        assert read_table(db, "scratch_clean")["source_row"].tolist() == (
+            cleaned["source_row"].tolist())
+        assert read_table(db, contract.RAW_TABLE)["species"].tolist() == ["sentinel"]
+        assert count_rows(db, contract.CLEAN_TABLE) == 0
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS scratch_raw, scratch_clean")
+
+
+MALICIOUS = "x`; DROP TABLE y; --"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda conn, name: create_and_empty_tables(conn, name, "penguins_clean"),
+        lambda conn, name: create_and_empty_tables(conn, "penguins_raw", name),
+        lambda conn, name: load_raw(conn, check_source(contract.default_source()), name),
+        lambda conn, name: read_table(conn, name),
+        lambda conn, name: write_clean(conn, raw_frame().dropna(), name),
+        lambda conn, name: count_rows(conn, name),
+    ],
+    ids=["create raw", "create clean", "load_raw", "read_table", "write_clean", "count_rows"],
+)
+@pytest.mark.parametrize("name", [MALICIOUS, "penguins_raw\n", "1abc", "a" * 65, "db.t", ""])
+def test_a_table_name_that_is_not_a_plain_identifier_is_refused_before_any_sql(db, call, name):
+    with db.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS y (id INT)")
+    before = _statements_run(db)
+    threads = threading.active_count()
+
+    with pytest.raises(ValueError, match="is not a plain table name"):
+        call(db, name)
+
+    assert _statements_run(db) == before + 1, "a statement reached the server"
+    assert threading.active_count() == threads
+    assert "y" in _tables(db)
+
+
+def test_the_longest_plain_name_is_accepted_and_quoted(db):
+    name = "_" + "a" * 63
+    create_and_empty_tables(db, name, "penguins_clean")
+    try:
+        assert count_rows(db, name) == 0
+    finally:
+        with db.cursor() as cursor:
+            cursor.execute(f"DROP TABLE `{name}`")
 
 
 def test_an_unreachable_server_is_a_retryable_problem_naming_the_connection():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -72,6 +73,36 @@ def _promoted(models_dir: Path) -> dict[str, dict]:
             for name, entry in _manifest(models_dir).models.items() if entry.promoted}
 
 
+def _asset_events(dag_run) -> dict[str, list[tuple[str, dict]]]:
+    """The asset events the run recorded in Airflow's metadata database: per asset's name, the
+    task that emitted each and its extra."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    events: dict[str, list[tuple[str, dict]]] = {}
+    with create_session() as session:
+        for event in session.scalars(
+            select(AssetEvent)
+            .where(AssetEvent.source_dag_id == dag_run.dag_id,
+                   AssetEvent.source_run_id == dag_run.run_id)
+            .order_by(AssetEvent.id)
+        ):
+            events.setdefault(event.name, []).append((event.source_task_id, event.extra))
+    return events
+
+
+def _model_events(dag_run) -> dict[str, dict]:
+    """Each model's one asset event in the run, by model name: its extra."""
+    events = _asset_events(dag_run)
+    found = {}
+    for name in contract.MODEL_NAMES:
+        ((task_id, extra),) = events[f"penguins_model_{name}"]
+        assert task_id == "promote"
+        found[name] = extra
+    return found
+
+
 def _result(dag_run, task_id: str, key: str = "return_value"):
     ti = next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
     return ti.xcom_pull(task_ids=task_id, key=key)
@@ -106,6 +137,28 @@ def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
     assert not [p for p in tmp_path.rglob(".*") if p.name != ".store.lock"], \
         "temporary files were left behind"
 
+    # The lineage, as asset events: the tables each got one from the task that wrote them
+    # (the source CSV is only read: an inlet has none), each model one from promote.
+    events = _asset_events(dag_run)
+    assert sorted(events) == sorted(["penguins_raw", "penguins_clean",
+                                     *(f"penguins_model_{n}" for n in contract.MODEL_NAMES)])
+    source = contract.default_source()
+    (raw_event,) = events["penguins_raw"]
+    assert raw_event == ("load_raw", {"table": contract.RAW_TABLE, "rows": 344,
+                                      "source": str(source),
+                                      "sha256": hashlib.sha256(source.read_bytes()).hexdigest()})
+    ((task_id, clean_extra),) = events["penguins_clean"]
+    assert task_id == "preprocess"
+    assert clean_extra == {"table": contract.CLEAN_TABLE, "rows": 333,
+                           "from_table": contract.RAW_TABLE,
+                           "report": _result(dag_run, "preprocess", "cleaning_report")}
+    assert _model_events(dag_run) == {
+        name: {"model": name, "version": meta["version"], "promoted": True,
+               "served_version": meta["version"], "metrics": meta["metrics"],
+               "store": str(tmp_path)}
+        for name, meta in metadata.items()
+    }
+
     second = run_dag(tmp_path)
     assert second.state == "success"
     assert count_rows(db, contract.RAW_TABLE) == 344
@@ -121,6 +174,9 @@ def test_full_run_loads_cleans_and_trains_every_model(run_dag, db, tmp_path):
         assert meta["gate"]["baseline_accuracy"] == meta["metrics"]["accuracy"]
         assert _manifest(tmp_path).models[name].history == (metadata[name]["version"],)
     assert _manifest(tmp_path).sequence > manifest.sequence
+    assert {n: (e["version"], e["promoted"]) for n, e in _model_events(second).items()} == {
+        n: (m["version"], True) for n, m in rerun.items()
+    }
 
 
 def test_a_run_on_corrupted_labels_succeeds_and_holds_its_versions_back(run_dag, tmp_path):
@@ -143,6 +199,21 @@ def test_a_run_on_corrupted_labels_succeeds_and_holds_its_versions_back(run_dag,
     assert entry.promoted == good
     (candidate,) = entry.held_back
     assert entry.held_back[candidate] == held["logistic_regression"]
+
+    events = _model_events(dag_run)
+    assert events.pop("logistic_regression") == {
+        "model": "logistic_regression", "version": candidate, "promoted": False,
+        "held_back": held["logistic_regression"], "served_version": good,
+        "metrics": read_metadata(tmp_path / "models", "logistic_regression", candidate,
+                                 _trust()).metadata["metrics"],
+        "store": str(tmp_path / "models"),
+    }
+    # promote's other outlets get an event too when it succeeds: each says why it holds nothing.
+    assert events == {
+        name: {"model": name, "version": None, "promoted": False, "served_version": None,
+               "not_trained": "not among the models chosen for this run"}
+        for name in contract.MODEL_NAMES if name != "logistic_regression"
+    }
 
     assert run_dag(tmp_path / "models", models=["logistic_regression"]).state == "success"
     assert _manifest(tmp_path / "models").models["logistic_regression"].promoted not in (
@@ -168,6 +239,7 @@ def test_params_from_the_cli_choose_which_models_train(mysql, airflow_db, tmp_pa
     ("conf", "param"),
     [
         ({"models": ["knn", "gradient_magic"]}, "models"),
+        ({"models": ["xgbost"]}, "models"),
         ({"models": []}, "models"),
         ({"test_size": 0.9}, "test_size"),
         ({"random_seed": "seven"}, "random_seed"),
@@ -176,9 +248,12 @@ def test_params_from_the_cli_choose_which_models_train(mysql, airflow_db, tmp_pa
 def test_an_invalid_param_fails_the_run_at_once_naming_it(run_dag, tmp_path, conf, param):
     from airflow.sdk.exceptions import ParamValidationError
 
-    with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}:"):
+    with pytest.raises(ParamValidationError, match=f"Invalid input for param {param}:") as error:
         run_dag(tmp_path, **conf)
     assert list(tmp_path.iterdir()) == []
+    for value in conf[param] if isinstance(conf[param], list) else [conf[param]]:
+        if value not in contract.MODEL_NAMES:
+            assert repr(value) in str(error.value)
 
 
 def test_bad_source_fails_the_run_and_leaves_models_untouched(run_dag, db, tmp_path):
@@ -227,13 +302,21 @@ def test_a_model_that_cannot_fit_fails_alone_and_the_run_says_why(run_dag, tmp_p
     states = {ti.rendered_map_index: ti.state for ti in dag_run.get_task_instances()
               if ti.task_id == "train"}
     assert states == {"logistic_regression": "success", "knn": "failed"}
-    promote = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "promote")
-    assert promote.state == "failed"
+    # promote publishes what trained; the run fails after it, in check_training.
+    assert _task_states(dag_run)["promote"] == ["success"]
+    assert _task_states(dag_run)["check_training"] == ["failed"]
     # The model that trained went through the gate; the one that failed has no version at all.
     assert list(_manifest(models_dir).models) == ["logistic_regression"]
     assert version_ids(models_dir, "knn") == []
+    promote = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "promote")
     error = promote.xcom_pull(task_ids="train", key="error", map_indexes=1)
     assert "n_neighbors" in error
+    assert _result(dag_run, "promote")["failed"] == {"knn": error}
+    events = _model_events(dag_run)
+    assert events["logistic_regression"]["version"] == (
+        _manifest(models_dir).models["logistic_regression"].promoted)
+    assert events["knn"]["version"] is None
+    assert events["knn"]["not_trained"] == f"failed to train: {error}"
 
 
 def test_dirty_rows_are_loaded_as_shipped_then_dropped_by_preprocess(run_dag, db, tmp_path):

@@ -14,31 +14,57 @@ Loads the Palmer penguins data into MySQL and trains several species classifiers
 6. **promote** writes one signed `manifest.json`: the versions that passed the gate are
    promoted (the prediction service switches to them by itself), the others held back as
    candidates, with why. A run whose candidates were held back succeeds, and says so.
+7. **check_training** fails the run if a model failed to train.
 
-Only table names, version ids and small dicts travel between tasks. Trigger it from the UI; the
-form's Params choose the models, the test size, the seed, the gate's thresholds and, optionally,
-another CSV.
+The tables and the models are Airflow Assets: the source CSV is an inlet of `load_raw`, each
+table an outlet of the task that writes it, and each model (`penguins_model_<name>`) an outlet
+of `promote`, whose asset event says which version it published, its metrics and whether it
+was promoted or held back, and why. Only table names, version ids and small dicts travel
+between tasks. Trigger it from the UI; the form's Params choose the models, the test size, the
+seed, the gate's thresholds and, optionally, another CSV.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task
+from airflow.sdk import Asset, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from penguins import contract
 from penguins.gate import DEFAULT_MAX_REGRESSION, DEFAULT_MIN_ACCURACY
 
+# The Assets name what the pipeline reads and writes the same way wherever it runs (compose,
+# the launcher, the tests): where each run's data really is goes into its asset events' extra.
+# "x-" marks a scheme of our own, which Airflow leaves as it is.
+SOURCE_ASSET = Asset(name="penguins_source_csv", uri="x-penguins://source/csv")
+"""The run's source CSV (the ``source_path`` Param, or the packaged palmerpenguins CSV)."""
+
+
+def _table_asset(table: str) -> Asset:
+    return Asset(name=table, uri=f"x-penguins://mysql/{table}")
+
+
+# The table names are given here, once: the tasks pass them on through XCom.
+RAW_TABLE_ASSET = _table_asset(contract.RAW_TABLE)
+CLEAN_TABLE_ASSET = _table_asset(contract.CLEAN_TABLE)
+MODEL_ASSETS = {
+    name: Asset(name=f"penguins_model_{name}", uri=f"x-penguins://models/{name}")
+    for name in contract.MODEL_NAMES
+}
+"""One Asset per model, whose events are the versions the runs published."""
+
 _PARAMS = {
     "models": Param(
         list(contract.MODEL_NAMES),
         type="array",
+        # examples makes the trigger form a multi-select; enum refuses any other name.
+        examples=list(contract.MODEL_NAMES),
         items={"type": "string", "enum": list(contract.MODEL_NAMES)},
         minItems=1,
         uniqueItems=True,
         title="Models",
-        description="Which models to train.",
+        description="Which models to train; each one trained is published as a new version.",
     ),
     "test_size": Param(
         0.25, type="number", minimum=0.1, maximum=0.5, title="Test size",
@@ -90,6 +116,23 @@ def _train_and_export(table: str, model_name: str, context) -> dict:
           f"{models_dir()}; {verdict}: {decision.reason}")
     return {"model_name": model_name, "version": metadata["version"],
             "metrics": trained.metrics, "gate": decision.as_json()}
+
+
+def _model_event(name: str, results: list[dict], held: dict[str, str], failures: dict[str, str],
+                 *, served: str | None, store: str) -> dict:
+    """What a run did with one model, as its asset event's extra; ``served`` is the version
+    promoted after the run."""
+    event = {"model": name, "version": None, "promoted": False, "served_version": served}
+    result = next((r for r in results if r["model_name"] == name), None)
+    if result is None:
+        event["not_trained"] = (f"failed to train: {failures[name]}" if name in failures
+                                else "not among the models chosen for this run")
+        return event
+    event |= {"version": result["version"], "promoted": name not in held,
+              "metrics": result["metrics"], "store": store}
+    if name in held:
+        event["held_back"] = held[name]
+    return event
 
 
 def _signing_key():
@@ -146,16 +189,18 @@ def penguins_pipeline():
         return {"path": str(source.path), "columns": list(source.columns), "rows": source.rows,
                 "sha256": source.sha256}
 
-    @task
-    def truncate() -> str:
+    @task(multiple_outputs=True)
+    def truncate(raw_table: str, clean_table: str) -> dict[str, str]:
+        """Create the raw and the clean table if they are missing, and empty them."""
         from penguins.database import create_and_empty_tables
 
         with _mysql_connection() as conn:
-            create_and_empty_tables(conn)
-        return contract.RAW_TABLE
+            create_and_empty_tables(conn, raw_table, clean_table)
+        return {"raw": raw_table, "clean": clean_table}
 
-    @task
+    @task(inlets=[SOURCE_ASSET], outlets=[RAW_TABLE_ASSET])
     def load_raw(table: str, source: dict) -> str:
+        """Load the checked CSV into the raw table exactly as it ships (NA becomes NULL)."""
         from penguins.database import load_raw
         from penguins.source import Source
         from penguins.source_location import SourceError, locate
@@ -165,30 +210,41 @@ def penguins_pipeline():
             checked = Source(locate(source["path"]), tuple(source["columns"]), source["rows"],
                              source["sha256"])
             with _mysql_connection() as conn:
-                rows = load_raw(conn, checked)
+                rows = load_raw(conn, checked, table)
         except SourceError as exc:
             raise AirflowFailException(str(exc)) from exc  # the file changed: only a new run helps
         print(f"loaded {rows} rows into {table}")
+        get_current_context()["outlet_events"][RAW_TABLE_ASSET].extra = {
+            "table": table, "rows": rows, "source": source["path"], "sha256": source["sha256"],
+        }
         return table
 
-    @task
-    def preprocess(table: str) -> str:
+    @task(inlets=[RAW_TABLE_ASSET], outlets=[CLEAN_TABLE_ASSET])
+    def preprocess(table: str, clean_table: str) -> str:
+        """Clean the raw table into the clean table; log and push what was dropped, and why."""
         from penguins.cleaning import clean
         from penguins.database import read_table, write_clean
 
+        context = get_current_context()
         with _mysql_connection() as conn:
             cleaned, report = clean(read_table(conn, table))
-            write_clean(conn, cleaned)
-        print(f"cleaned {table} into {contract.CLEAN_TABLE}: {report}")
-        get_current_context()["ti"].xcom_push(key="cleaning_report", value=report)
-        return contract.CLEAN_TABLE
+            rows = write_clean(conn, cleaned, clean_table)
+        print(f"cleaned {table} into {clean_table}: {report}")
+        context["ti"].xcom_push(key="cleaning_report", value=report)
+        context["outlet_events"][CLEAN_TABLE_ASSET].extra = {
+            "table": clean_table, "rows": rows, "from_table": table, "report": report,
+        }
+        return clean_table
 
     @task
     def select_models() -> list[str]:
+        """The models the run's `models` Param chose, one training copy each."""
         return list(get_current_context()["params"]["models"])
 
-    @task(map_index_template="{{ model_name }}")
+    @task(map_index_template="{{ model_name }}", inlets=[CLEAN_TABLE_ASSET])
     def train(table: str, model_name: str) -> dict:
+        """Train and score one model, score its promoted version on the same rows, and export
+        a new signed version with the gate's decision."""
         context = get_current_context()
         context["model_name"] = model_name
         try:
@@ -201,10 +257,14 @@ def penguins_pipeline():
                 raise AirflowFailException(f"{model_name} cannot be trained: {exc}") from exc
             raise
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    # The inlet is the models' lineage: their versions were trained on the clean table. Airflow
+    # emits an event for every outlet of a task that succeeds, so each says what the run did
+    # with its model, trained or not.
+    @task(trigger_rule=TriggerRule.ALL_DONE, inlets=[CLEAN_TABLE_ASSET],
+          outlets=list(MODEL_ASSETS.values()))
     def promote(models: list[str], results: list[dict]) -> dict:
-        """Promote what passed the gate and hold back the rest, in one signed manifest; then
-        fail the run if a model failed to train."""
+        """Promote what passed the gate and hold back the rest, in one signed manifest; publish
+        an asset event per model."""
         from penguins.publishing import models_dir, record_run
 
         context = get_current_context()
@@ -230,17 +290,29 @@ def penguins_pipeline():
         for name, reason in held.items():
             print(f"{name}: held back, not served: {reason}")
         context["ti"].xcom_push(key="held_back", value=held)
-        if failures:
-            raise AirflowFailException(f"models failed to train: {failures}")
-        return {"best_model": manifest.best_model, "promoted": promoted, "held_back": held}
+        for name, asset in MODEL_ASSETS.items():
+            entry = manifest.models.get(name)
+            context["outlet_events"][asset].extra = _model_event(
+                name, results, held, failures, served=entry.promoted if entry else None,
+                store=str(models_dir()))
+        return {"best_model": manifest.best_model, "promoted": promoted, "held_back": held,
+                "failed": failures}
+
+    @task
+    def check_training(summary: dict) -> None:
+        """Fail the run if a model failed to train (the others are published all the same)."""
+        if summary["failed"]:
+            raise AirflowFailException(f"models failed to train: {summary['failed']}")
 
     source = check_source()
-    emptied_table = truncate()
-    source >> emptied_table
-    clean_table = preprocess(load_raw(emptied_table, source))
+    tables = truncate(raw_table=RAW_TABLE_ASSET.name, clean_table=CLEAN_TABLE_ASSET.name)
+    source >> tables
+    clean_table = preprocess(load_raw(tables["raw"], source), tables["clean"])
     models = select_models()
-    results = train.partial(table=clean_table).expand(model_name=models)
-    promote(models, results)
+    # A mapped task does not take its docstring as its doc (Airflow 3.3) unless given it.
+    results = (train.override(doc_md=train.function.__doc__)
+               .partial(table=clean_table).expand(model_name=models))
+    check_training(promote(models, results))
 
 
 penguins_pipeline()

@@ -23,9 +23,9 @@ CONN_ID = "mysql_airflow_conn"
 """The Airflow connection to the penguins database (from ``AIRFLOW_CONN_MYSQL_AIRFLOW_CONN``)."""
 
 RAW_TABLE = "penguins_raw"
+"""The source as it ships, every value as text."""
 CLEAN_TABLE = "penguins_clean"
-TABLES = (RAW_TABLE, CLEAN_TABLE)
-"""Every table the pipeline touches. SQL only ever names a table from this fixed set."""
+"""The cleaned, typed rows the models train on."""
 
 LABEL = "species"
 SPECIES = ("Adelie", "Chinstrap", "Gentoo")
@@ -46,4 +46,4 @@ def default_source() -> Path:
 
 __all__ = ["CATEGORICAL_FEATURES", "CLEAN_TABLE", "COLUMNS", "CONN_ID", "FEATURES", "ISLANDS",
            "LABEL", "MODEL_NAMES", "NA_MARKERS", "NUMERIC_FEATURES", "PLAUSIBLE_RANGES",
-           "RAW_TABLE", "SEXES", "SPECIES", "TABLES", "default_source"]
+           "RAW_TABLE", "SEXES", "SPECIES", "default_source"]

@@ -1,13 +1,15 @@
 """The pipeline's SQL: creating, emptying, loading and reading the penguins tables.
 
 Every function takes an open DB-API connection (MySQLdb), so the DAG passes one from the
-Airflow hook and the tests pass one to their own server. Table names only ever come from the
-fixed set in ``contract.TABLES``; values are always bound, never pasted into SQL.
+Airflow hook and the tests pass one to their own server, and the names of the tables it works on,
+which the DAG's tasks pass on through XCom. A table name cannot be bound, so it is checked to be
+a plain identifier and quoted before it reaches SQL; values are always bound, never pasted in.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import TextIO
 import MySQLdb
 import pandas as pd
 
-from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE, TABLES
+from penguins.contract import CLEAN_TABLE, COLUMNS, NA_MARKERS, RAW_TABLE
 from penguins.source import Batch, Source, open_rows
 from penguins.source_location import SourceError
 
@@ -27,25 +29,26 @@ from penguins.source_location import SourceError
 # every run. The raw table keeps every value as the text the source ships (types are the clean
 # table's business), so a dirty value is stored as it came and counted by preprocess, not lost
 # or turned into 0 by the load. utf8mb4: any text the check accepts can be stored as it is.
-_DDL = {
-    RAW_TABLE: f"""
-        CREATE TABLE IF NOT EXISTS {RAW_TABLE} (
-            source_row INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-            {", ".join(f"{column} VARCHAR(64) NULL" for column in COLUMNS)}
-        ) DEFAULT CHARSET=utf8mb4""",
-    CLEAN_TABLE: f"""
-        CREATE TABLE IF NOT EXISTS {CLEAN_TABLE} (
-            source_row INT UNSIGNED NOT NULL PRIMARY KEY,
-            species VARCHAR(16) NOT NULL,
-            island VARCHAR(16) NOT NULL,
-            bill_length_mm DOUBLE NOT NULL,
-            bill_depth_mm DOUBLE NOT NULL,
-            flipper_length_mm DOUBLE NOT NULL,
-            body_mass_g DOUBLE NOT NULL,
-            sex VARCHAR(8) NOT NULL,
-            year SMALLINT NOT NULL
-        )""",
-}
+_RAW_DDL = f"""
+    CREATE TABLE IF NOT EXISTS {{table}} (
+        source_row INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        {", ".join(f"{column} VARCHAR(64) NULL" for column in COLUMNS)}
+    ) DEFAULT CHARSET=utf8mb4"""
+_CLEAN_DDL = """
+    CREATE TABLE IF NOT EXISTS {table} (
+        source_row INT UNSIGNED NOT NULL PRIMARY KEY,
+        species VARCHAR(16) NOT NULL,
+        island VARCHAR(16) NOT NULL,
+        bill_length_mm DOUBLE NOT NULL,
+        bill_depth_mm DOUBLE NOT NULL,
+        flipper_length_mm DOUBLE NOT NULL,
+        body_mass_g DOUBLE NOT NULL,
+        sex VARCHAR(8) NOT NULL,
+        year SMALLINT NOT NULL
+    )"""
+
+# A plain MySQL identifier: nothing in it can end the quoting or mean anything but the name.
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 # Server answers that no retry can fix: wrong user or password, no such database, no rights.
 _CONFIGURATION_ERRORS = {1044, 1045, 1049, 1698}
@@ -78,36 +81,45 @@ def open_connection(connect: Callable[[], MySQLdb.Connection], conn_id: str, add
         ) from exc
 
 
-def _checked(table: str) -> str:
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; the pipeline's tables are {TABLES}")
-    return table
+def _quoted(table: str) -> str:
+    """``table`` in backticks, for SQL; a ValueError, before any SQL runs, unless it is a plain
+    identifier (a letter or ``_``, then letters, digits or ``_``, 64 at most)."""
+    # fullmatch: with match and "$", a name ending in a line break would pass.
+    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
+        raise ValueError(f"{table!r} is not a plain table name (letters, digits and _, "
+                         "not starting with a digit, at most 64)")
+    return f"`{table}`"
 
 
-def create_and_empty_tables(conn) -> None:
-    """Create both tables if they are missing, then empty them. Safe to run any number of times."""
+def create_and_empty_tables(conn, raw_table: str = RAW_TABLE,
+                            clean_table: str = CLEAN_TABLE) -> None:
+    """Create the raw and the clean table if they are missing, then empty them. Safe to run
+    any number of times."""
+    if raw_table == clean_table:
+        raise ValueError(f"the raw and the clean table cannot both be {raw_table!r}")
+    tables = ((_RAW_DDL, _quoted(raw_table)), (_CLEAN_DDL, _quoted(clean_table)))
     with conn.cursor() as cursor:
-        for table in TABLES:
-            cursor.execute(_DDL[table])
+        for ddl, table in tables:
+            cursor.execute(ddl.format(table=table))
             # TRUNCATE also resets AUTO_INCREMENT, so source_row starts at 1 again.
             cursor.execute(f"TRUNCATE TABLE {table}")
     conn.commit()
 
 
-def load_raw(conn, source: Source) -> int:
-    """Bulk-load a checked source into the raw table, exactly as the check read it; return the
-    row count.
+def load_raw(conn, source: Source, table: str = RAW_TABLE) -> int:
+    """Bulk-load a checked source into the raw table ``table``, exactly as the check read it;
+    return the row count.
 
     The file is parsed again by the check's own reader (``penguins.source.open_rows``), and the
     parsed rows stream through a pipe to ``LOAD DATA LOCAL INFILE`` in one fixed form that the
     server cannot read two ways: every value quoted, no escape character, ``\\n`` between rows,
     a missing value (exactly ``NA`` or empty) as a bare ``NULL``, the row's number as
-    ``source_row``. So memory stays flat, and ``penguins_raw`` holds the values the check saw,
+    ``source_row``. So memory stays flat, and the table holds the values the check saw,
     each other value stored as its text. If the file is no longer the one checked (another
     SHA-256 or row count), or the server warns, nothing is kept.
     """
     sql = (
-        f"LOAD DATA LOCAL INFILE %s INTO TABLE {RAW_TABLE} CHARACTER SET utf8mb4 "
+        f"LOAD DATA LOCAL INFILE %s INTO TABLE {_quoted(table)} CHARACTER SET utf8mb4 "
         "FIELDS TERMINATED BY ',' ENCLOSED BY '\"' ESCAPED BY '' LINES TERMINATED BY '\\n' "
         f"(source_row, {', '.join(_checked_columns(source.columns))})"
     )
@@ -216,19 +228,20 @@ def _checked_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
 def read_table(conn, table: str) -> pd.DataFrame:
     """Read a whole table in source order, as a DataFrame with SQL NULL as missing values."""
     with conn.cursor() as cursor:
-        cursor.execute(f"SELECT * FROM {_checked(table)} ORDER BY source_row")
+        cursor.execute(f"SELECT * FROM {_quoted(table)} ORDER BY source_row")
         names = [d[0] for d in cursor.description]
         rows = cursor.fetchall()
     return pd.DataFrame.from_records(rows, columns=names)
 
 
-def write_clean(conn, frame: pd.DataFrame) -> int:
-    """Bulk-load the cleaned rows into the clean table; return the row count.
+def write_clean(conn, frame: pd.DataFrame, table: str = CLEAN_TABLE) -> int:
+    """Bulk-load the cleaned rows into the clean table ``table``; return the row count.
 
     Through a temporary CSV and ``LOAD DATA LOCAL INFILE``, like the raw load: about twice as
     fast as batched INSERTs, whose cost is binding every value in Python. A missing value is
     refused first, since LOAD DATA LOCAL would store it as 0 with only a warning.
     """
+    target = _quoted(table)
     columns = ["source_row", *COLUMNS]
     if frame[columns].isna().any().any():
         raise ValueError("clean rows must have no missing values")
@@ -237,7 +250,7 @@ def write_clean(conn, frame: pd.DataFrame) -> int:
         f.flush()
         with conn.cursor() as cursor:
             cursor.execute(
-                f"LOAD DATA LOCAL INFILE %s INTO TABLE {CLEAN_TABLE} CHARACTER SET utf8mb4 "
+                f"LOAD DATA LOCAL INFILE %s INTO TABLE {target} CHARACTER SET utf8mb4 "
                 f"FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' "
                 f"LINES TERMINATED BY '\\n' ({', '.join(columns)})",
                 (f.name,),
@@ -251,6 +264,6 @@ def write_clean(conn, frame: pd.DataFrame) -> int:
 
 def count_rows(conn, table: str) -> int:
     with conn.cursor() as cursor:
-        cursor.execute(f"SELECT COUNT(*) FROM {_checked(table)}")
+        cursor.execute(f"SELECT COUNT(*) FROM {_quoted(table)}")
         (count,) = cursor.fetchone()
     return int(count)
