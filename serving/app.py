@@ -24,7 +24,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving import routes
+from serving import open_inference, open_inference_schemas, routes
 from serving.loader import Limits, Loader
 from serving.metrics import Metrics
 from serving.registry import ModelRegistry
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             *routes.routers(settings.max_batch_rows,
                             benchmark_endpoints=settings.benchmark_endpoints),
+            open_inference.router(),
             create_static_files_router(
                 path="/static", directories=[STATIC_DIR], include_in_schema=False
             ),
@@ -135,7 +136,7 @@ def _document_refused_fields(app: Litestar) -> None:
     """Say in the OpenAPI document that request bodies refuse unknown fields, as msgspec does
     (``forbid_unknown_fields``); Litestar leaves ``additionalProperties`` out."""
     schemas = app.openapi_schema.components.schemas or {}
-    for name in REQUEST_SCHEMAS:
+    for name in (*REQUEST_SCHEMAS, *open_inference_schemas.REQUEST_SCHEMAS):
         schemas[name].additional_properties = False
 
 

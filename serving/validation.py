@@ -32,12 +32,15 @@ _FIELD = re.compile(r"field `(?P<field>[^`]+)`")
 _CHOICES = {"island": ISLANDS, "sex": SEXES}
 
 
-async def decode_body_strictly(request: Request[Any, Any, Any]) -> None:
-    """``before_request`` hook: refuse a body that does not strictly match the ``data`` type."""
+async def decode_body_strictly(request: Request[Any, Any, Any], *,
+                               media_type_optional: bool = False) -> None:
+    """``before_request`` hook: refuse a body that does not strictly match the ``data`` type,
+    or that is not declared JSON (``media_type_optional``: unless it declares nothing)."""
     data_field = request.route_handler.parsed_data_field
     if data_field is None:
         return None
-    _require_json(request)
+    if not (media_type_optional and "content-type" not in request.headers):
+        _require_json(request)
     body = await request.body()  # Raises 413 beyond the route's request_max_body_size.
     if not body.strip():
         raise ValidationException(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import subprocess
 import sys
@@ -79,22 +78,11 @@ def test_the_source_the_tables_and_the_models_are_assets(dag):
     }
 
 
-def test_the_table_names_are_given_once_outside_the_tasks(dag):
-    """Each task works on the table names it receives; only the DAG's definitions name them."""
+def test_the_table_names_are_given_once_in_the_wiring(dag):
+    """The DAG names the tables once, as truncate's arguments; what each task then does with
+    the names it receives is run in ``test_pipeline_airflow``."""
     assert dag.get_task("truncate").op_kwargs == {"raw_table": contract.RAW_TABLE,
                                                   "clean_table": contract.CLEAN_TABLE}
-    tree = ast.parse(DAG_FILE.read_text())
-    names = {contract.RAW_TABLE, contract.CLEAN_TABLE}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name != "penguins_pipeline":
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.Attribute) and inner.attr in {"RAW_TABLE",
-                                                                       "CLEAN_TABLE"}:
-                    found.append(f"{node.name}: {inner.attr}")
-                if isinstance(inner, ast.Constant) and inner.value in names:
-                    found.append(f"{node.name}: {inner.value!r}")
-    assert found == []
 
 
 def test_training_is_mapped_and_named_after_each_model(dag):

@@ -319,6 +319,32 @@ def test_a_model_that_cannot_fit_fails_alone_and_the_run_says_why(run_dag, tmp_p
     assert events["knn"]["not_trained"] == f"failed to train: {error}"
 
 
+def test_every_task_uses_the_table_names_it_receives(dag, run_dag, db, monkeypatch,
+                                                     tmp_path):
+    """Given other names where the DAG first names the tables, the whole run works on those:
+    nothing in the tasks falls back on the default names."""
+    raw_table, clean_table = "scratch_raw", "scratch_clean"
+    with db.cursor() as cursor:
+        cursor.execute(f"DROP TABLE IF EXISTS {contract.RAW_TABLE}, {contract.CLEAN_TABLE}, "
+                       f"{raw_table}, {clean_table}")
+    monkeypatch.setattr(dag.get_task("truncate"), "op_kwargs",
+                        {"raw_table": raw_table, "clean_table": clean_table})
+
+    dag_run = run_dag(tmp_path, models=["knn"])
+
+    assert dag_run.state == "success", _task_states(dag_run)
+    assert count_rows(db, raw_table) == 344
+    assert count_rows(db, clean_table) == 333
+    with db.cursor() as cursor:
+        cursor.execute("SHOW TABLES")
+        tables = {name for (name,) in cursor.fetchall()}
+    assert {contract.RAW_TABLE, contract.CLEAN_TABLE}.isdisjoint(tables)
+    events = _asset_events(dag_run)
+    assert [extra["table"] for _, extra in events["penguins_raw"]] == [raw_table]
+    assert [extra["table"] for _, extra in events["penguins_clean"]] == [clean_table]
+    assert _promoted(tmp_path)["knn"]["rows"]["total"] == 333
+
+
 def test_dirty_rows_are_loaded_as_shipped_then_dropped_by_preprocess(run_dag, db, tmp_path):
     rows = packaged_rows()
     rows.loc[0, "body_mass_g"] = "heavy"  # not a number

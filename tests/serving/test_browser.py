@@ -19,6 +19,10 @@ OPERATIONS = {
     "/health", "/ready", "/metrics", "/models", "/models/{model_name}",
     "/models/{model_name}/versions", "/predict",
     "/predict/{model_name}", "/predict-batch", "/predict-batch/{model_name}",
+    "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}",
+    "/v2/models/{model_name}/versions/{model_version}", "/v2/models/{model_name}/ready",
+    "/v2/models/{model_name}/versions/{model_version}/ready", "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{model_version}/infer",
 }
 
 

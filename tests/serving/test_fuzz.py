@@ -39,15 +39,22 @@ from penguins import contract
 from tests.serving.conftest import PENGUIN
 
 BUDGET_SECONDS = 90.0
-"""The whole fuzz must finish within this; it took 25 to 45 s on a busy 2-core machine."""
+"""The whole fuzz must finish within this; it took 30 to 55 s on a busy 2-core machine."""
 MIN_REQUESTS = 1000
 EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 70}
 """Examples per operation that takes input, per mode (an operation without input has one)."""
+V2_SHARE = 3
+"""The /v2 operations (Open Inference Protocol) get a third as many: they share the lookups and
+the validation of the others, and the budget."""
 
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance,
           content_type_conformance, response_headers_conformance]
 MODE_CHECKS = {GenerationMode.POSITIVE: [positive_data_acceptance],
                GenerationMode.NEGATIVE: [negative_data_rejection]}
+SCHEMA_CANNOT_SAY = ("/infer",)
+"""Operations whose valid requests a JSON Schema cannot describe (Open Inference Protocol: the
+tensors' names and datatypes, shapes that match their data), so that a schema-valid request is
+often rightly a 400: everything is checked of them but that such a request is accepted."""
 
 
 class BudgetExceeded(Exception):
@@ -71,7 +78,10 @@ class FuzzRun:
         seen = self.statuses.setdefault(f"{mode.value} {case.operation.label}", {})
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         try:
-            case.validate_response(response, checks=CHECKS + MODE_CHECKS[mode])
+            lenient = mode is GenerationMode.POSITIVE and case.operation.path.endswith(
+                SCHEMA_CANNOT_SAY)
+            case.validate_response(response, checks=CHECKS + ([] if lenient
+                                                             else MODE_CHECKS[mode]))
         except (AssertionError, BaseExceptionGroup) as failure:
             # Recorded, not raised: Hypothesis would stop at the first and spend the budget
             # shrinking it; the report lists every distinct failure instead.
@@ -99,7 +109,8 @@ def _takes_input(operation) -> bool:
 def _fuzz(run: FuzzRun, operation, mode: GenerationMode, seed: int) -> None:
     @hypothesis.seed(seed)
     @hypothesis.settings(
-        max_examples=EXAMPLES[mode] if _takes_input(operation) else 1,
+        max_examples=(EXAMPLES[mode] // (V2_SHARE if operation.path.startswith("/v2/") else 1)
+                      if _takes_input(operation) else 1),
         deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
@@ -114,7 +125,7 @@ def test_the_api_survives_a_fuzz_of_its_own_openapi_document(live_service):
     seed = int(os.environ.get("FUZZ_SEED") or random.randrange(2**32))
     schema = schemathesis.openapi.from_url(f"{live_service.url}/schema/openapi.json", timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 10, [op.label for op in operations]
+    assert len(operations) == 19, [op.label for op in operations]
     run = FuzzRun(live_service.url, time.monotonic() + BUDGET_SECONDS)
     started = time.monotonic()
     with run.session:
