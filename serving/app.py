@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     metrics = Metrics()
     registry = _registry(settings, metrics)
+    metrics.follow(lambda: {name: served.version
+                            for name, served in registry.snapshot.served().items()})
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -61,10 +63,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await anyio.to_thread.run_sync(registry.wait_for_promoted,
                                        settings.loader_timeout_seconds)
         registry.start(settings.reload_interval_seconds)
+        if metrics.multiprocess_dir:
+            log.info("metrics: the workers' counts are summed from %s (PROMETHEUS_MULTIPROC_DIR)",
+                     metrics.multiprocess_dir)
         try:
             yield
         finally:
             registry.stop()
+            metrics.close()
 
     app = Litestar(
         route_handlers=[

@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 import anyio.to_thread
 import msgspec
-from litestar import Router, get, post
+from litestar import Response, Router, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ServiceUnavailableException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.contract import MODEL_NAME_PATTERN, MODEL_NAMES
 from serving.metrics import Metrics
@@ -96,11 +97,12 @@ def ready(registry: Registry) -> Readiness:
     return Readiness(ready=True, models_loaded=len(served), best_model=snapshot.best_model)
 
 
-@get("/metrics", sync_to_thread=False,
-     media_type="text/plain; version=0.0.4")
-def metrics(registry: Registry, metrics: MetricsRecorder) -> str:
-    """Prometheus metrics: requests and latencies per route and per model, reloads, load errors."""
-    return metrics.render(models_loaded=len(registry.snapshot.served()))
+@get("/metrics", sync_to_thread=False, media_type=CONTENT_TYPE_LATEST)
+def metrics(metrics: MetricsRecorder) -> Response[bytes]:
+    """Prometheus metrics: requests and latencies per route and per model, rows classified,
+    reloads, load errors, and the version each model answers with (of every worker)."""
+    # The header as given: for a text/ media type Litestar would add a second charset.
+    return Response(metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
 
 
 @get("/", sync_to_thread=False)

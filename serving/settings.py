@@ -57,6 +57,12 @@ class Settings:
     port: int = 8989
     """``SERVING_PORT``: the port ``python -m serving`` listens on."""
 
+    workers: int = 1
+    """``SERVING_WORKERS``: the uvicorn worker processes ``python -m serving`` starts, each with
+    its own copy of the models (and its own ``SERVING_MAX_CONNECTIONS``). With more than one,
+    the workers share their metrics' counts through ``PROMETHEUS_MULTIPROC_DIR`` (a private
+    temporary folder unless it is set), so ``/metrics`` answers for all of them."""
+
     max_batch_rows: int = 1000
     """``MAX_BATCH_ROWS``: the most penguins one batch request may hold."""
 
@@ -124,6 +130,7 @@ class Settings:
                                            cls.loader_timeout_seconds, low=1.0, high=3600.0),
             host=env.get("SERVING_HOST") or cls.host,
             port=_number(env, "SERVING_PORT", int, cls.port, low=1, high=65535),
+            workers=_number(env, "SERVING_WORKERS", int, cls.workers, low=1, high=128),
             max_batch_rows=_number(env, "MAX_BATCH_ROWS", int, cls.max_batch_rows, low=1),
             max_body_bytes=_number(env, "MAX_BODY_BYTES", int, cls.max_body_bytes, low=1024),
             reload_interval_seconds=_number(

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import requests
 from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from penguins import cleaning, contract, publishing, training
 from serving.app import create_app
@@ -160,6 +161,16 @@ def served_version(client: TestClient, name: str) -> str | None:
     return response.json()["version"]["version"]
 
 
+def sample(exposition: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name{labels}`` (exactly those labels) in a Prometheus text
+    exposition, as ``prometheus_client``'s parser reads it; None if there is none."""
+    for family in text_string_to_metric_families(exposition):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
 # --- The real service, under uvicorn ---------------------------------------------------------
 
 
@@ -178,10 +189,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
-                access_log: bool = True, **env: str) -> Iterator[LiveService]:
+                access_log: bool = True, startup_seconds: float = 60,
+                **env: str) -> Iterator[LiveService]:
     """``python -m serving`` (uvicorn behind the front door) in a subprocess on a free port, as
     users start it; stopped on exit. ``cpu``: pin the process to that core (``taskset``), as
-    the benchmark does.
+    the benchmark does; ``startup_seconds``: how long it may take to answer ``/health``.
     """
     port = free_port()
     environment = {**os.environ, "MODELS_DIR": str(models_dir),
@@ -196,7 +208,7 @@ def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
         )
     service = LiveService(f"http://127.0.0.1:{port}", models_dir, process)
     try:
-        wait_until(lambda: _answers(service), timeout=60, interval=0.1)
+        wait_until(lambda: _answers(service), timeout=startup_seconds, interval=0.1)
         yield service
     finally:
         process.terminate()

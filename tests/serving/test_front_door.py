@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.serving.conftest import PENGUIN, LiveService, run_uvicorn
+from tests.serving.conftest import PENGUIN, LiveService, run_uvicorn, sample
 
 LIMITS = {
     "SERVING_HEADER_TIMEOUT_SECONDS": "1", "SERVING_BODY_TIMEOUT_SECONDS": "1",
@@ -262,10 +262,8 @@ def test_a_keep_alive_connection_is_closed_when_idle(service):
 
 def _counted(service: LiveService, route: str, status: str) -> float:
     text = requests.get(f"{service.url}/metrics", timeout=5).text
-    pattern = (rf'penguins_http_requests_total\{{method="POST",route="{re.escape(route)}",'
-               rf'status="{status}"\}} (\S+)')
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
+    return sample(text, "penguins_http_requests_total", method="POST", route=route,
+                  status=status) or 0.0
 
 
 def test_a_client_that_goes_away_mid_body_is_an_abort_not_an_error(service, guarded):

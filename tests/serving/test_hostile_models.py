@@ -52,6 +52,7 @@ from tests.serving.conftest import (
     export_raw,
     promote,
     run_uvicorn,
+    sample,
     wait_until,
 )
 
@@ -259,11 +260,8 @@ class LiveStore:
         return response.json()["model"]["version"]
 
     def load_errors(self, model: str) -> float:
-        prefix = f'penguins_model_load_errors_total{{model="{model}"}} '
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith(prefix):
-                return float(line[len(prefix):])
-        return 0.0
+        return sample(self.get("/metrics").text, "penguins_model_load_errors_total",
+                      model=model) or 0.0
 
     def logged(self) -> str:
         return self.log.read_text(errors="replace")

@@ -18,6 +18,7 @@ from tests.serving.conftest import (
     promote,
     publish,
     registry_of,
+    sample,
     served_version,
     wait_until,
 )
@@ -29,10 +30,7 @@ def _versions(client, name: str) -> dict[str, dict]:
 
 
 def _reloads(client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'penguins_model_reloads_total{{model="{name}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return sample(client.get("/metrics").text, "penguins_model_reloads_total", model=name) or 0.0
 
 
 def test_a_new_model_is_served_within_a_second_of_its_promotion(make_client, models_dir,
