@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
-from penguins.cleaning import clean
-from penguins.contract import FEATURES, ISLANDS, SEXES, SPECIES
-from tests.data import raw_frame
+from penguins.cleaning import Cleaner, clean
+from penguins.contract import COLUMNS, FEATURES, ISLANDS, SEXES, SPECIES
+from tests.data import as_raw_table, raw_frame, rows_with_repeats
 
 
 def test_the_packaged_data_cleans_to_333_complete_rows():
@@ -66,3 +67,34 @@ def test_dirty_rows_are_normalised_or_dropped_and_counted():
         "dropped_duplicate": 1,
         "clean_rows": 3,
     }
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1_000])
+def test_cleaning_in_chunks_keeps_the_same_rows_and_counts_as_cleaning_the_whole(chunk_rows):
+    """Repeats spread through the file, many of them in another chunk than the row they
+    repeat: each is dropped once, whichever chunk it falls in, and the first one is kept."""
+    raw, expected = rows_with_repeats()
+    raw = as_raw_table(raw)
+    whole, report = clean(raw)
+    assert report == expected
+
+    cleaner = Cleaner()
+    parts = [cleaner.clean(raw.iloc[start:start + chunk_rows])
+             for start in range(0, len(raw), chunk_rows)]
+
+    assert cleaner.report == expected
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+
+
+def test_of_two_repeated_rows_the_first_is_kept_and_a_near_repeat_stays():
+    raw, _ = rows_with_repeats()
+    raw = as_raw_table(raw)
+    cleaned, _ = clean(raw)
+    normalised = raw.assign(species=raw["species"].str.strip().str.title(),
+                            island=raw["island"].str.title(),
+                            bill_length_mm=pd.to_numeric(raw["bill_length_mm"]))
+    repeated = normalised.dropna().duplicated(subset=list(COLUMNS), keep="first")
+    assert repeated.sum() == 30
+    assert set(cleaned["source_row"]) == set(normalised.dropna()[~repeated]["source_row"])
+    assert cleaned["source_row"].is_monotonic_increasing
+    assert (cleaned["body_mass_g"] % 25 != 0).sum() == 5, "the near repeats are kept"

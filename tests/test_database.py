@@ -13,11 +13,12 @@ from penguins.database import (
     count_rows,
     create_and_empty_tables,
     load_raw,
+    read_chunks,
     read_table,
     write_clean,
 )
 from penguins.source import check_source
-from tests.data import packaged_rows, raw_frame, write_csv
+from tests.data import packaged_rows, raw_frame, rows_with_repeats, write_csv
 
 
 def test_create_and_empty_is_idempotent_and_recreates_dropped_tables(db):
@@ -203,3 +204,77 @@ def test_a_load_the_client_may_not_send_fails_at_once_and_leaves_nothing_open(my
         conn.close()
     assert threading.active_count() == threads_before, "the feeder thread is still running"
     assert set(os.listdir("/proc/self/fd")) <= open_before, "a pipe end was left open"
+
+
+def _load(db, tmp_path, rows: pd.DataFrame) -> None:
+    create_and_empty_tables(db)
+    load_raw(db, check_source(write_csv(tmp_path / "source.csv", rows)))
+
+
+def test_preprocess_in_chunks_writes_what_cleaning_the_whole_table_gives(db, tmp_path):
+    """Through the server: repeats spread across chunk boundaries, chunks of 7 raw rows."""
+    from penguins.cleaning import clean, preprocess
+
+    rows, expected = rows_with_repeats()
+    _load(db, tmp_path, rows)
+    whole, whole_report = clean(read_table(db, contract.RAW_TABLE))
+    assert whole_report == expected
+
+    report = preprocess(db, chunk_rows=7)
+
+    assert report == expected
+    stored = read_table(db, contract.CLEAN_TABLE)
+    assert len(stored) == count_rows(db, contract.CLEAN_TABLE) == 338
+    pd.testing.assert_frame_equal(stored.astype(whole.dtypes.to_dict()), whole,
+                                  check_dtype=False)
+
+
+def test_a_preprocess_run_again_starts_over_on_an_emptied_clean_table(db, tmp_path):
+    from penguins.cleaning import preprocess
+
+    _load(db, tmp_path, packaged_rows())
+    first = preprocess(db, chunk_rows=100)
+    before = read_table(db, contract.CLEAN_TABLE)
+
+    again = preprocess(db, chunk_rows=1000)  # as a retried task: the rows are there already
+
+    assert first == again
+    assert again["clean_rows"] == 333
+    pd.testing.assert_frame_equal(read_table(db, contract.CLEAN_TABLE), before)
+
+
+def test_a_failed_preprocess_keeps_no_clean_row(mysql, tmp_path):
+    """Nothing is committed until the last chunk is written: here the server refuses rows of
+    the third chunk (a check on the table), after two chunks went in."""
+    from penguins.cleaning import preprocess
+
+    conn = mysql.connect()
+    try:
+        _load(conn, tmp_path, packaged_rows())
+        with conn.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {contract.CLEAN_TABLE} "
+                           "ADD CONSTRAINT early_rows_only CHECK (source_row < 250)")
+        with pytest.raises(RuntimeError, match="loaded 48 clean rows, expected 96"):
+            preprocess(conn, chunk_rows=100)
+        assert count_rows(conn, contract.CLEAN_TABLE) == 0
+    finally:
+        with conn.cursor() as cursor:
+            cursor.execute(f"DROP TABLE {contract.CLEAN_TABLE}")
+        conn.close()
+
+
+def test_read_chunks_pages_through_a_table_with_gaps_in_source_order(db):
+    from penguins.cleaning import clean
+
+    create_and_empty_tables(db)
+    write_clean(db, clean(raw_frame())[0])  # 333 rows, numbered with gaps up to 344
+    whole = read_table(db, contract.CLEAN_TABLE)
+
+    chunks = list(read_chunks(db, contract.CLEAN_TABLE, 50))
+
+    assert [len(c) for c in chunks] == [50] * 6 + [33]
+    pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), whole)
+    (only,) = read_chunks(db, contract.CLEAN_TABLE, 1000, columns=("species",))
+    assert list(only.columns) == ["source_row", "species"]
+    with pytest.raises(ValueError, match="are not columns"):
+        next(read_chunks(db, contract.CLEAN_TABLE, 10, columns=("species`, x",)))

@@ -7,7 +7,7 @@ Loads the Palmer penguins data into MySQL and trains several species classifiers
    in the database is emptied.
 2. **truncate** creates `penguins_raw` and `penguins_clean` if they are missing and empties them.
 3. **load_raw** bulk-loads the CSV into `penguins_raw` exactly as it ships (`NA` becomes NULL).
-4. **preprocess** cleans `penguins_raw` into `penguins_clean`.
+4. **preprocess** cleans `penguins_raw` into `penguins_clean`, a chunk of rows at a time.
 5. **train** runs once per chosen model, in parallel: it trains and scores the model, scores
    the promoted version of it on the same held-out rows, and exports a new signed version into
    the model store (`MODELS_DIR/<model>/<version>/`) with the promotion gate's decision.
@@ -221,14 +221,14 @@ def penguins_pipeline():
 
     @task(inlets=[RAW_TABLE_ASSET], outlets=[CLEAN_TABLE_ASSET])
     def preprocess(table: str, clean_table: str) -> str:
-        """Clean the raw table into the clean table; log and push what was dropped, and why."""
-        from penguins.cleaning import clean
-        from penguins.database import read_table, write_clean
+        """Clean the raw table into the clean table, a chunk at a time; log and push what was
+        dropped, and why."""
+        from penguins.cleaning import preprocess
 
         context = get_current_context()
         with _mysql_connection() as conn:
-            cleaned, report = clean(read_table(conn, table))
-            rows = write_clean(conn, cleaned, clean_table)
+            report = preprocess(conn, table, clean_table)
+        rows = report["clean_rows"]
         print(f"cleaned {table} into {clean_table}: {report}")
         context["ti"].xcom_push(key="cleaning_report", value=report)
         context["outlet_events"][CLEAN_TABLE_ASSET].extra = {

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import count
 from typing import TextIO
 
@@ -225,6 +225,12 @@ def _checked_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
     return columns
 
 
+def _checked_names(columns: tuple[str, ...]) -> tuple[str, ...]:
+    if unknown := set(columns) - set(COLUMNS):
+        raise ValueError(f"{sorted(unknown)} are not columns of the penguins tables")
+    return columns
+
+
 def read_table(conn, table: str) -> pd.DataFrame:
     """Read a whole table in source order, as a DataFrame with SQL NULL as missing values."""
     with conn.cursor() as cursor:
@@ -234,8 +240,44 @@ def read_table(conn, table: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows, columns=names)
 
 
+def read_chunks(conn, table: str, chunk_rows: int,
+                columns: tuple[str, ...] | None = None) -> Iterator[pd.DataFrame]:
+    """Read ``table`` in source order, ``chunk_rows`` rows at a time, as DataFrames (SQL NULL as
+    missing values) with ``source_row`` and ``columns`` (default: every column).
+
+    Each chunk is one query that starts after the last ``source_row`` read (keyset pagination
+    on the primary key), so each costs its own rows only, however far into the table, and the
+    connection stays free for writing between chunks.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
+    selected = "*" if columns is None else ", ".join(("source_row", *_checked_names(columns)))
+    sql = (f"SELECT {selected} FROM {_quoted(table)} WHERE source_row > %s "
+           "ORDER BY source_row LIMIT %s")
+    last = 0
+    with conn.cursor() as cursor:
+        while True:
+            cursor.execute(sql, (last, chunk_rows))
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+            if not rows:
+                return
+            chunk = pd.DataFrame.from_records(rows, columns=names)
+            last = int(chunk["source_row"].iloc[-1])
+            yield chunk
+            if len(rows) < chunk_rows:
+                return
+
+
+def empty_table(conn, table: str) -> None:
+    """Empty ``table`` (TRUNCATE: at once, whatever its size, and committed)."""
+    with conn.cursor() as cursor:
+        cursor.execute(f"TRUNCATE TABLE {_quoted(table)}")
+
+
 def write_clean(conn, frame: pd.DataFrame, table: str = CLEAN_TABLE) -> int:
-    """Bulk-load the cleaned rows into the clean table ``table``; return the row count.
+    """Bulk-load the cleaned rows into the clean table ``table``; return the row count. The
+    caller commits (``cleaning.preprocess`` writes every chunk, then commits once).
 
     Through a temporary CSV and ``LOAD DATA LOCAL INFILE``, like the raw load: about twice as
     fast as batched INSERTs, whose cost is binding every value in Python. A missing value is
@@ -256,7 +298,6 @@ def write_clean(conn, frame: pd.DataFrame, table: str = CLEAN_TABLE) -> int:
                 (f.name,),
             )
             loaded = cursor.rowcount
-    conn.commit()
     if loaded != len(frame):
         raise RuntimeError(f"loaded {loaded} clean rows, expected {len(frame)}")
     return loaded
