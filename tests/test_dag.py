@@ -100,8 +100,9 @@ def test_the_dag_has_tags_retries_one_active_run_and_validated_params(dag):
     assert dag.max_active_runs == 1
     assert all(t.retries >= 1 for t in dag.tasks)
     params = dag.params
-    assert set(params.keys()) == {"models", "test_size", "random_seed", "min_accuracy",
-                                  "max_regression", "source_path"}
+    assert set(params.keys()) == {"models", "test_size", "random_seed", "max_fit_rows",
+                                  "min_accuracy", "max_regression", "source_path"}
+    assert params["max_fit_rows"] == contract.DEFAULT_MAX_FIT_ROWS == 20_000
     assert (params["min_accuracy"], params["max_regression"]) == (0.9, 0.01)
     assert params["models"] == ["logistic_regression", "random_forest", "svm", "knn", "xgboost"]
 

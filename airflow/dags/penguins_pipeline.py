@@ -21,7 +21,8 @@ table an outlet of the task that writes it, and each model (`penguins_model_<nam
 of `promote`, whose asset event says which version it published, its metrics and whether it
 was promoted or held back, and why. Only table names, version ids and small dicts travel
 between tasks. Trigger it from the UI; the form's Params choose the models, the test size, the
-seed, the gate's thresholds and, optionally, another CSV.
+seed, how many rows the costlier models are fitted on, the gate's thresholds and, optionally,
+another CSV.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ _PARAMS = {
         42, type="integer", minimum=0, title="Random seed",
         description="Seeds the split and the models: the same seed gives the same metrics.",
     ),
+    "max_fit_rows": Param(
+        contract.DEFAULT_MAX_FIT_ROWS, type="integer", minimum=100,
+        title="Rows fitted (SVM, k-NN, forest)",
+        description="The SVM, k-NN and random forest are fitted on a stratified sample of at "
+                    "most this many training rows (their cost or size grows faster than the "
+                    "rows); the others on all of them. Each version's metadata records the rows "
+                    "it was fitted on.",
+    ),
     "min_accuracy": Param(
         DEFAULT_MIN_ACCURACY, type="number", minimum=0, maximum=1, title="Minimum accuracy",
         description="The promotion gate: a new version is promoted only if its held-out "
@@ -94,15 +103,16 @@ _PARAMS = {
 
 
 def _train_and_export(table: str, model_name: str, context) -> dict:
-    from penguins.database import read_table
+    from penguins.database import read_training_rows
     from penguins.publishing import export, gate, models_dir, score_promoted
     from penguins.training import train
 
     params = context["params"]
     key = _signing_key()
     with _mysql_connection() as conn:
-        frame = read_table(conn, table)
-    trained = train(frame, model_name, params["test_size"], params["random_seed"])
+        frame = read_training_rows(conn, table)
+    trained = train(frame, model_name, params["test_size"], params["random_seed"],
+                    params["max_fit_rows"])
     baseline = score_promoted(models_dir(), trained, key)
     decision = gate(trained, baseline, min_accuracy=params["min_accuracy"],
                     max_regression=params["max_regression"])

@@ -1,4 +1,5 @@
-"""The pipeline's data contract: tables, the label, the source's columns, the connection.
+"""The pipeline's data contract: tables, the label, the source's columns, the connection, the
+rows the costlier models fit.
 
 What a model takes (features, categories, ranges) and the model names are the service's
 (``serving.contract``), imported here so that both halves use one definition. The DAG, the SQL,
@@ -33,6 +34,10 @@ SPECIES = ("Adelie", "Chinstrap", "Gentoo")
 COLUMNS = ("species", *FEATURES)
 """The source file's columns: the label, then the features, as ``palmerpenguins`` ships them."""
 
+DEFAULT_MAX_FIT_ROWS = 20_000
+"""The most training rows the SVM, k-NN and random forest are fitted on (``models.SAMPLED_MODELS``),
+unless the ``max_fit_rows`` Param says otherwise."""
+
 NA_MARKERS = ("NA", "")
 """How a source CSV writes a missing value (``palmerpenguins`` writes ``NA``)."""
 
@@ -44,6 +49,6 @@ def default_source() -> Path:
     return Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
 
 
-__all__ = ["CATEGORICAL_FEATURES", "CLEAN_TABLE", "COLUMNS", "CONN_ID", "FEATURES", "ISLANDS",
-           "LABEL", "MODEL_NAMES", "NA_MARKERS", "NUMERIC_FEATURES", "PLAUSIBLE_RANGES",
-           "RAW_TABLE", "SEXES", "SPECIES", "default_source"]
+__all__ = ["CATEGORICAL_FEATURES", "CLEAN_TABLE", "COLUMNS", "CONN_ID", "DEFAULT_MAX_FIT_ROWS",
+           "FEATURES", "ISLANDS", "LABEL", "MODEL_NAMES", "NA_MARKERS", "NUMERIC_FEATURES",
+           "PLAUSIBLE_RANGES", "RAW_TABLE", "SEXES", "SPECIES", "default_source"]

@@ -20,13 +20,30 @@ from xgboost import XGBClassifier
 
 from penguins.contract import CATEGORICAL_FEATURES, MODEL_NAMES, NUMERIC_FEATURES
 
+SAMPLED_MODELS = ("random_forest", "svm", "knn")
+"""The models fitted on a stratified sample of at most ``max_fit_rows`` training rows (by
+default ``contract.DEFAULT_MAX_FIT_ROWS``), not on all of them: the kernel SVM's fit grows
+between n^2 and n^3 (and calibrating it fits it six times); k-NN keeps every row it is fitted
+on, and the service measures each penguin's distance to all of them; each of the forest's 200
+trees would sort every row. Logistic regression and XGBoost (histograms) grow linearly and fit
+the whole training split. With fewer training rows than ``max_fit_rows`` (the packaged data has
+249), every model fits them all."""
+
+# A leaf holds at least this share of the rows a tree is fitted on, so no tree has more than
+# 2,000 leaves however many rows it sees: the forest stays under 800,000 nodes, ~70 MB pickled,
+# within the service's SERVING_MAX_MODEL_BYTES (200 MB) whatever max_fit_rows is. Up to 2,000
+# rows that is one row, scikit-learn's default: the packaged data's forest is the same tree for
+# tree.
+FOREST_MIN_LEAF_SHARE = 0.0005
+
 
 def _estimator(model_name: str, seed: int) -> ClassifierMixin:
     # One thread each: the mapped training copies already run in parallel.
     if model_name == "logistic_regression":
         return LogisticRegression(max_iter=1000)
     if model_name == "random_forest":
-        return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
+        return RandomForestClassifier(n_estimators=200, min_samples_leaf=FOREST_MIN_LEAF_SHARE,
+                                      random_state=seed, n_jobs=1)
     if model_name == "svm":
         # Calibration gives the SVM class probabilities (SVC's own `probability=True` is
         # deprecated since scikit-learn 1.9).

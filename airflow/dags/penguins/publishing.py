@@ -76,7 +76,11 @@ def score_promoted(directory: Path, trained: TrainedModel, key: Ed25519PrivateKe
 
 def export(trained: TrainedModel, directory: Path, *, decision: Decision, run_id: str,
            source: str, test_size: float, seed: int, key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Export ``trained`` as a new version; return its signed metadata."""
+    """Export ``trained`` as a new version; return its signed metadata.
+
+    ``rows`` says how many rows it was fitted on (``fit``), ``max_fit_rows`` the setting that
+    bounded them for the sampled models.
+    """
     fields = {
         "classes": trained.classes,
         "features": _feature_descriptions(),
@@ -85,6 +89,7 @@ def export(trained: TrainedModel, directory: Path, *, decision: Decision, run_id
         "rows": trained.rows,
         "test_size": test_size,
         "random_seed": seed,
+        "max_fit_rows": trained.max_fit_rows,
         "dag_run_id": run_id,
         "source": source,
         "trained_at": trained.trained_at,
