@@ -1,8 +1,9 @@
 """The ASGI application factory: ``uvicorn --factory serving.app:create_app --port 8989``.
 
 ``create_app`` builds the service for its settings: a model registry that watches ``MODELS_DIR``
-for as long as the application runs (started and stopped by the ``lifespan``), handed with the
-metrics and the settings to the routes as dependencies, plus the OpenAPI page, whose JavaScript
+for as long as the application runs (started and stopped by the ``lifespan``), handed to the
+routes as dependencies with the metrics and the ``Predictions`` made of both, plus the OpenAPI
+page, whose JavaScript
 and CSS the service serves itself so that it renders with no internet access. Nothing is built
 at import.
 """
@@ -27,6 +28,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from serving import open_inference, open_inference_schemas, routes
 from serving.loader import Limits, Loader
 from serving.metrics import Metrics
+from serving.predictions import Predictions
 from serving.registry import ModelRegistry
 from serving.schemas import REQUEST_SCHEMAS
 from serving.settings import Settings
@@ -84,7 +86,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={
             "registry": _constant(registry),
             "metrics": _constant(metrics),
-            "settings": _constant(settings),
+            "predictions": _constant(Predictions(registry, metrics, settings.max_batch_rows)),
         },
         lifespan=[lifespan],
         before_request=decode_body_strictly,

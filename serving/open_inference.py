@@ -14,13 +14,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
-from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ServiceUnavailableException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
 
 from serving.contract import CATEGORICAL_FEATURES, FEATURES
-from serving.metrics import Metrics
 from serving.open_inference_schemas import (
     V2Error,
     V2InferRequest,
@@ -34,16 +32,15 @@ from serving.open_inference_schemas import (
     V2ServerReady,
     V2Tensor,
 )
+from serving.predictions import Predictions, no_model_message
 from serving.registry import ServedVersion
-from serving.routes import MetricsRecorder, ModelName, Registry, _classify, _no_model, _served
+from serving.routes import ModelName, PredictionsDependency
 from serving.schemas import Penguin
-from serving.settings import Settings
 from serving.store.layout import VERSION_ID
 from serving.validation import decode_body_strictly, describe
 
 ModelVersionId = Annotated[str, Parameter(
     pattern=VERSION_ID.pattern, description="A kept version of the model (GET its metadata).")]
-SettingsDependency = NamedDependency[Settings]
 
 OUTPUTS = ("species", "probabilities")
 _NUMBERS = ("FP32", "FP64", *(f"{u}INT{bits}" for u in ("", "U") for bits in (8, 16, 32, 64)))
@@ -73,62 +70,63 @@ def server_live() -> V2ServerLive:
 
 
 @get("/health/ready", sync_to_thread=False, responses={503: _MODEL[503]})
-def server_ready(registry: Registry) -> V2ServerReady:
+def server_ready(predictions: PredictionsDependency) -> V2ServerReady:
     """Every promoted model is loaded and answers; 503, saying which is not, until then."""
-    snapshot = registry.snapshot
+    snapshot = predictions.registry.snapshot
     waiting = [f"{m.name} ({m.problem or 'loading'})" for m in snapshot.models.values()
                if m.entry.promoted is not None and m.served is None]
     if not snapshot.served() or waiting:
         raise ServiceUnavailableException(f"Not every promoted model is served: "
                                           f"{', '.join(waiting)}." if snapshot.served()
-                                          else _no_model(snapshot))
+                                          else no_model_message(snapshot))
     return V2ServerReady(ready=True)
 
 
 @get("/models/{model_name:str}", sync_to_thread=False, responses=_MODEL)
-def model_metadata(model_name: ModelName, registry: Registry) -> V2ModelMetadata:
+def model_metadata(model_name: ModelName, predictions: PredictionsDependency
+                   ) -> V2ModelMetadata:
     """A model's inputs and outputs, the class names of its answers, and its kept versions."""
-    return _metadata(registry, _served(registry.snapshot, model_name))
+    return _metadata(predictions, predictions.served(model_name))
 
 
 @get("/models/{model_name:str}/versions/{model_version:str}", sync_to_thread=False,
      responses=_MODEL)
 def version_metadata(model_name: ModelName, model_version: ModelVersionId,
-                     registry: Registry) -> V2ModelMetadata:
+                     predictions: PredictionsDependency) -> V2ModelMetadata:
     """The metadata of one kept version of a model."""
-    return _metadata(registry, _served(registry.snapshot, model_name, model_version))
+    return _metadata(predictions, predictions.served(model_name, model_version))
 
 
 @get("/models/{model_name:str}/ready", sync_to_thread=False, responses=_MODEL)
-def model_ready(model_name: ModelName, registry: Registry) -> V2ModelReady:
+def model_ready(model_name: ModelName, predictions: PredictionsDependency) -> V2ModelReady:
     """The model answers inferences; 503, saying why, if it does not."""
-    return V2ModelReady(name=_served(registry.snapshot, model_name).name, ready=True)
+    return V2ModelReady(name=predictions.served(model_name).name, ready=True)
 
 
 @get("/models/{model_name:str}/versions/{model_version:str}/ready", sync_to_thread=False,
      responses=_MODEL)
 def version_ready(model_name: ModelName, model_version: ModelVersionId,
-                  registry: Registry) -> V2ModelReady:
+                  predictions: PredictionsDependency) -> V2ModelReady:
     """The kept version is loaded and answers inferences; 404 if it is not."""
-    served = _served(registry.snapshot, model_name, model_version)
+    served = predictions.served(model_name, model_version)
     return V2ModelReady(name=served.name, ready=True)
 
 
 @post("/models/{model_name:str}/infer", status_code=200, sync_to_thread=True, responses=_INFER)
-def infer(model_name: ModelName, data: JSONBody[V2InferRequest], registry: Registry,
-          metrics: MetricsRecorder, settings: SettingsDependency) -> V2InferResponse:
+def infer(model_name: ModelName, data: JSONBody[V2InferRequest],
+          predictions: PredictionsDependency) -> V2InferResponse:
     """The species of each penguin of the input tensors, and the probability of each class,
     according to the model's promoted version."""
-    return _infer(_served(registry.snapshot, model_name), data, metrics, settings)
+    return _infer(predictions, predictions.served(model_name), data)
 
 
 @post("/models/{model_name:str}/versions/{model_version:str}/infer", status_code=200,
       sync_to_thread=True, responses=_INFER)
 def infer_version(model_name: ModelName, model_version: ModelVersionId,
-                  data: JSONBody[V2InferRequest], registry: Registry, metrics: MetricsRecorder,
-                  settings: SettingsDependency) -> V2InferResponse:
+                  data: JSONBody[V2InferRequest], predictions: PredictionsDependency
+                  ) -> V2InferResponse:
     """The same inference, according to one kept version of the model."""
-    return _infer(_served(registry.snapshot, model_name, model_version), data, metrics, settings)
+    return _infer(predictions, predictions.served(model_name, model_version), data)
 
 
 def router() -> Router:
@@ -162,11 +160,11 @@ def _as_v2_error(request: Request[Any, Any, Any], exc: Exception) -> Response[V2
     return Response(V2Error(message), status_code=exc.status_code, headers=exc.headers)
 
 
-def _metadata(registry: Registry, model: ServedVersion) -> V2ModelMetadata:
+def _metadata(predictions: Predictions, model: ServedVersion) -> V2ModelMetadata:
     classes = {"classes": list(model.classes)}
     return V2ModelMetadata(
         name=model.name,
-        versions=sorted(registry.snapshot.models[model.name].loaded, reverse=True),
+        versions=sorted(predictions.registry.snapshot.models[model.name].loaded, reverse=True),
         platform=f"compiled_{model.predictor.kind}",
         inputs=[V2Tensor(name, "BYTES" if name in CATEGORICAL_FEATURES
                          else "INT64" if name == "year" else "FP64", [-1]) for name in FEATURES],
@@ -175,10 +173,10 @@ def _metadata(registry: Registry, model: ServedVersion) -> V2ModelMetadata:
     )
 
 
-def _infer(model: ServedVersion, request: V2InferRequest, metrics: Metrics,
-           settings: Settings) -> V2InferResponse:
+def _infer(predictions: Predictions, model: ServedVersion, request: V2InferRequest
+           ) -> V2InferResponse:
     wanted = _requested_outputs(request.outputs)
-    answers = _classify(metrics, model, _penguins(request.inputs, settings.max_batch_rows))
+    answers = predictions.classify(model, _penguins(request.inputs, predictions.max_batch_rows))
     classes, rows = {"classes": list(model.classes)}, len(answers)
     outputs = {
         "species": V2Tensor("species", "BYTES", [rows], classes, [a.species for a in answers]),

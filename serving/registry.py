@@ -23,12 +23,14 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 
 from serving.compiled import CompiledPredictor
 from serving.loader import Loader, LoadError
 from serving.metrics import Metrics
+from serving.schemas import ModelVersion
 from serving.store.documents import EMPTY_MANIFEST, Manifest, ModelEntry, VersionInfo
 from serving.store.layout import MANIFEST_FILE, METADATA_FILE, MODEL_NAME, PICKLE_FILE, StoreError
 from serving.store.reader import Trust, read_manifest, read_version, version_ids
@@ -63,6 +65,14 @@ class ServedVersion:
     @property
     def metadata(self) -> dict:
         return self.info.metadata
+
+    @cached_property
+    def answered_by(self) -> ModelVersion:
+        """This version as each of its answers names it; built once, on its first answer."""
+        run_id = self.metadata.get("dag_run_id")
+        return ModelVersion(name=self.name, version=self.version, sha256=self.info.pickle_sha256,
+                            trained_at=str(self.metadata.get("trained_at")),
+                            dag_run_id=run_id if isinstance(run_id, str) else None)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The HTTP routes: thin handlers around the registry's current snapshot, grouped in one
-``Router`` per OpenAPI tag. Handlers receive the registry and the metrics as dependencies
-(``registry``, ``metrics``: see ``serving.app``).
+``Router`` per OpenAPI tag. Handlers receive what they use as dependencies (``registry``,
+``metrics``; the prediction routes ``predictions`` alone: see ``serving.predictions``).
 
 Nothing a caller sends reaches the filesystem: a model name is checked against the name pattern,
 then looked up among the models already loaded.
@@ -8,14 +8,11 @@ then looked up among the models already loaded.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
-import anyio.to_thread
-import msgspec
 from litestar import Response, Router, get, post
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException, ServiceUnavailableException
+from litestar.exceptions import ServiceUnavailableException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
@@ -23,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.contract import MODEL_NAME_PATTERN, MODEL_NAMES
 from serving.metrics import Metrics
-from serving.registry import ModelRegistry, ModelState, ServedVersion, Snapshot
+from serving.predictions import Predictions, find_model, no_model_message
+from serving.registry import ModelRegistry, ModelState, Snapshot
 from serving.schemas import (
     BatchPrediction,
     Health,
@@ -34,22 +32,17 @@ from serving.schemas import (
     Penguin,
     Prediction,
     Readiness,
-    SpeciesPrediction,
     VersionEntry,
     batch_request_type,
 )
 from serving.store.layout import VERSION_ID
 
-NO_MODEL_MESSAGE = (
-    "No model is served: the pipeline has not promoted a model in MODELS_DIR yet "
-    "(run the penguins_pipeline DAG), or none of the promoted versions could be loaded "
-    "(see GET /models)."
-)
-
 Registry = NamedDependency[ModelRegistry]
 """The service's model registry, a dependency (``serving.app``)."""
 MetricsRecorder = NamedDependency[Metrics]
 """The service's metrics, a dependency (``serving.app``)."""
+PredictionsDependency = NamedDependency[Predictions]
+"""The prediction routes' one dependency (``serving.app``)."""
 
 ModelName = Annotated[
     str,
@@ -93,7 +86,7 @@ def ready(registry: Registry) -> Readiness:
     snapshot = registry.snapshot
     served = snapshot.served()
     if not served:
-        raise ServiceUnavailableException(_no_model(snapshot))
+        raise ServiceUnavailableException(no_model_message(snapshot))
     return Readiness(ready=True, models_loaded=len(served), best_model=snapshot.best_model)
 
 
@@ -121,7 +114,7 @@ def list_models(registry: Registry) -> ModelList:
 def get_model(model_name: ModelName, registry: Registry) -> ModelInfo:
     """One model: the version it answers with, its metadata, and what is wrong, if anything."""
     snapshot = registry.snapshot
-    return _model_info(snapshot, _model(snapshot, model_name))
+    return _model_info(snapshot, find_model(snapshot, model_name))
 
 
 @get("/{model_name:str}/versions", sync_to_thread=False,
@@ -129,7 +122,7 @@ def get_model(model_name: ModelName, registry: Registry) -> ModelInfo:
 def list_versions(model_name: ModelName, registry: Registry) -> ModelVersions:
     """Every kept version of a model, newest first: its metrics, training time, run id, and
     state (promoted, previous, held back by the gate, candidate, or refused, with why)."""
-    model = _model(registry.snapshot, model_name)
+    model = find_model(registry.snapshot, model_name)
     return ModelVersions(
         name=model.name, promoted=model.entry.promoted,
         served=model.served.version if model.served else None,
@@ -140,20 +133,19 @@ def list_versions(model_name: ModelName, registry: Registry) -> ModelVersions:
 
 
 @post("/predict", status_code=200, responses=_BEST_RESPONSES)
-async def predict_best(data: JSONBody[Penguin], registry: Registry, metrics: MetricsRecorder
+async def predict_best(data: JSONBody[Penguin], predictions: PredictionsDependency
                        ) -> Prediction:
     """The species of one penguin, according to the best model."""
-    snapshot = registry.snapshot
-    return await _predict_one(metrics, _served(snapshot, snapshot.best_model), data)
+    return await predictions.one(predictions.served(), data)
 
 
 @post("/predict/{model_name:str}", status_code=200,
       responses=_PREDICT_RESPONSES)
-async def predict(model_name: ModelName, data: JSONBody[Penguin], registry: Registry,
-                  metrics: MetricsRecorder, version: Version = None) -> Prediction:
+async def predict(model_name: ModelName, data: JSONBody[Penguin],
+                  predictions: PredictionsDependency, version: Version = None) -> Prediction:
     """The species of one penguin, according to the model ``model_name`` (its promoted
     version, or the kept ``version``)."""
-    return await _predict_one(metrics, _served(registry.snapshot, model_name, version), data)
+    return await predictions.one(predictions.served(model_name, version), data)
 
 
 _CEILING_ANSWER = Prediction(
@@ -192,97 +184,20 @@ def _batch_routes(max_rows: int) -> list[HTTPRouteHandler]:
     @post("/predict-batch", status_code=200, sync_to_thread=True,
           signature_namespace=namespace, responses=_BEST_RESPONSES,
           description=f"The species of each penguin, according to the best model. {limit}")
-    def predict_batch_best(data: JSONBody[BatchRequest], registry: Registry,
-                           metrics: MetricsRecorder) -> BatchPrediction:
-        snapshot = registry.snapshot
-        return _predict_batch(metrics, _served(snapshot, snapshot.best_model), data.penguins)
+    def predict_batch_best(data: JSONBody[BatchRequest], predictions: PredictionsDependency
+                           ) -> BatchPrediction:
+        return predictions.batch(predictions.served(), data.penguins)
 
     @post("/predict-batch/{model_name:str}", status_code=200,
           sync_to_thread=True, signature_namespace=namespace, responses=_PREDICT_RESPONSES,
           description=f"The species of each penguin, according to ``model_name``. {limit}")
     def predict_batch(
-        model_name: ModelName, data: JSONBody[BatchRequest], registry: Registry,
-        metrics: MetricsRecorder, version: Version = None,
+        model_name: ModelName, data: JSONBody[BatchRequest],
+        predictions: PredictionsDependency, version: Version = None,
     ) -> BatchPrediction:
-        return _predict_batch(metrics, _served(registry.snapshot, model_name, version),
-                              data.penguins)
+        return predictions.batch(predictions.served(model_name, version), data.penguins)
 
     return [predict_batch_best, predict_batch]
-
-
-def _served(snapshot: Snapshot, name: str | None, version: str | None = None) -> ServedVersion:
-    """The loaded version that answers, or the HTTP error that explains why there is none."""
-    if name is None or (name not in snapshot.models and not snapshot.served()):
-        raise ServiceUnavailableException(_no_model(snapshot))
-    model = _model(snapshot, name)
-    if version is not None:
-        if (kept := model.loaded.get(version)) is not None:
-            return kept
-        state, reason = model.state_of(version) if version in model.found else (None, None)
-        why = f" (it is {state}: {reason})" if state == "refused" else ""
-        raise NotFoundException(
-            f"Model {name!r} has no servable version {version!r}{why}; the servable versions "
-            f"are: {', '.join(sorted(model.loaded, reverse=True)) or 'none'}."
-        )
-    if model.served is None:
-        raise ServiceUnavailableException(f"Model {name!r} is not served: {model.problem}")
-    return model.served
-
-
-def _model(snapshot: Snapshot, name: str) -> ModelState:
-    if (model := snapshot.models.get(name)) is None:
-        raise NotFoundException(
-            f"No model named {name!r}; the models are: {', '.join(snapshot.models) or 'none'}."
-        )
-    return model
-
-
-def _no_model(snapshot: Snapshot) -> str:
-    if snapshot.store_problem:
-        return f"{NO_MODEL_MESSAGE} The store: {snapshot.store_problem}"
-    return NO_MODEL_MESSAGE
-
-
-async def _predict_one(metrics: Metrics, model: ServedVersion, penguin: Penguin) -> Prediction:
-    if model.predictor.fast:
-        # Tens of microseconds: less than handing the row to a worker thread and back.
-        (answer,) = _classify(metrics, model, [penguin])
-    else:
-        (answer,) = await anyio.to_thread.run_sync(_classify, metrics, model, [penguin])
-    return Prediction(
-        species=answer.species, probabilities=answer.probabilities, model=_version(model)
-    )
-
-
-def _predict_batch(metrics: Metrics, model: ServedVersion, penguins: list[Penguin]
-                   ) -> BatchPrediction:
-    return BatchPrediction(model=_version(model), predictions=_classify(metrics, model, penguins))
-
-
-def _classify(metrics: Metrics, model: ServedVersion, penguins: list[Penguin]
-              ) -> list[SpeciesPrediction]:
-    rows = [msgspec.structs.asdict(penguin) for penguin in penguins]
-    started = time.perf_counter()
-    codes, probabilities = model.predictor.predict(rows)
-    metrics.observe_prediction(model.name, len(rows), time.perf_counter() - started)
-    classes = model.classes
-    # Python numbers first (`tolist`): iterating NumPy arrays makes a NumPy scalar per value.
-    # Not `strict` zips, a third of the time on a batch: the shapes are checked at load time.
-    return [
-        SpeciesPrediction(species=classes[code],
-                          probabilities=dict(zip(classes, row, strict=False)))
-        for code, row in zip(codes.tolist(), probabilities.tolist(), strict=False)
-    ]
-
-
-def _version(model: ServedVersion) -> ModelVersion:
-    return ModelVersion(
-        name=model.name,
-        version=model.version,
-        sha256=model.info.pickle_sha256,
-        trained_at=str(model.metadata.get("trained_at")),
-        dag_run_id=_text_or_none(model.metadata.get("dag_run_id")),
-    )
 
 
 def _model_info(snapshot: Snapshot, model: ModelState) -> ModelInfo:
@@ -291,7 +206,7 @@ def _model_info(snapshot: Snapshot, model: ModelState) -> ModelInfo:
                             "promoted": model.entry.promoted, "problem": model.problem}
     if (served := model.served) is not None:
         info.update(
-            version=_version(served),
+            version=served.answered_by,
             classes=list(served.classes),
             metrics=_numbers(served.metadata.get("metrics")),
             library_versions=_texts(served.metadata.get("versions")),
