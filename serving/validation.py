@@ -39,8 +39,9 @@ async def decode_body_strictly(request: Request[Any, Any, Any], *,
     data_field = request.route_handler.parsed_data_field
     if data_field is None:
         return None
-    if not (media_type_optional and "content-type" not in request.headers):
-        _require_json(request)
+    content_type = _content_type(request)
+    if not (media_type_optional and content_type is None):
+        _require_json(request, content_type or "")
     body = await request.body()  # Raises 413 beyond the route's request_max_body_size.
     if not body.strip():
         raise ValidationException(
@@ -79,8 +80,16 @@ class UnsupportedMediaType(HTTPException):
     status_code = HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 
-def _require_json(request: Request[Any, Any, Any]) -> None:
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+def _content_type(request: Request[Any, Any, Any]) -> str | None:
+    # From the raw headers: ``request.headers`` builds a mapping of them all, on every request.
+    for name, value in request.scope["headers"]:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return None
+
+
+def _require_json(request: Request[Any, Any, Any], content_type: str) -> None:
+    media_type = content_type.partition(";")[0].strip().lower()
     if media_type == "application/json" or (media_type.startswith("application/")
                                             and media_type.endswith("+json")):
         return
@@ -125,6 +134,8 @@ def repeated_key(body: bytes, decoded: Any) -> str | None:
 def _fields_in(value: Any) -> int:
     """How many keys the JSON of ``value`` holds (all of a struct's fields are required)."""
     if isinstance(value, msgspec.Struct):
+        if _is_flat(type(value)):  # a penguin
+            return len(value.__struct_fields__)
         return sum(1 + _fields_in(getattr(value, name)) for name in value.__struct_fields__)
     if isinstance(value, list) and value:
         if isinstance(value[0], msgspec.Struct) and _is_flat(type(value[0])):
