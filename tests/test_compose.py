@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -334,6 +336,101 @@ def test_models_flow_from_airflow_to_serving_read_only() -> None:
         assert ("./shared_models", models_dir, "rw") in bind_mounts(service), name
     serving = services()["serving"]
     assert ("./shared_models", environment(serving)["MODELS_DIR"], "ro") in bind_mounts(serving)
+
+
+# --- the launcher runs the shape compose runs ---------------------------------------------------
+
+# Settings that mean the same under compose and without Docker (paths, hosts, ports and secrets
+# differ by design: the launcher runs everything on one machine, compose in containers).
+SHARED_SETTINGS = (
+    "AIRFLOW__CORE__EXECUTOR",
+    "AIRFLOW__CORE__LOAD_EXAMPLES",
+    "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION",
+    "AIRFLOW__CORE__AUTH_MANAGER",
+)
+CELERY_SETTINGS = ("AIRFLOW__CELERY__WORKER_CONCURRENCY",)
+# What Airflow's Celery provider makes of each environment (get_default_celery_config).
+_CELERY_CONFIG_SCRIPT = """
+import json
+from airflow.configuration import conf
+from airflow.providers.celery.executors.default_celery import get_default_celery_config
+celery = get_default_celery_config(conf)
+print(json.dumps({
+    "executor": conf.get("core", "executor"),
+    "sql_alchemy_conn": conf.get("database", "sql_alchemy_conn"),
+    **{key: celery[key] for key in ("broker_url", "result_backend", "worker_concurrency",
+                                    "task_default_queue", "worker_prefetch_multiplier",
+                                    "task_acks_late")},
+}))
+"""
+
+
+def launcher_environment(executor: str, home: Path) -> dict[str, str]:
+    from run_without_docker import system_environment
+
+    return system_environment({}, home=home, host="127.0.0.1", api_port=8080,
+                              connection="mysql://penguins:pw@127.0.0.1:3307/penguins",
+                              executor=executor, celery_workers=2)
+
+
+def compose_airflow_environment(executor: str) -> dict[str, str]:
+    """What compose gives the Airflow components with ``AIRFLOW_EXECUTOR`` as the launcher's
+    ``--executor`` (unset for the default), and no ``.env``."""
+    # Imported here: tests.test_compose_secrets imports this module.
+    from tests.test_compose_secrets import received_environment
+
+    variables = {"AIRFLOW_EXECUTOR": "CeleryExecutor"} if executor == "celery" else {}
+    return received_environment("airflow-worker", variables)
+
+
+@pytest.mark.parametrize("executor", ["local", "celery"])
+def test_the_launcher_and_compose_share_the_shape(executor: str, tmp_path) -> None:
+    launcher = launcher_environment(executor, tmp_path)
+    composed = compose_airflow_environment(executor)
+    for key in SHARED_SETTINGS + (CELERY_SETTINGS if executor == "celery" else ()):
+        assert launcher[key].lower() == composed[key].lower(), key
+    # The scheduler runs 4 tasks at once itself, or as many as the two workers' task processes.
+    slots = 4
+    if executor == "celery":
+        slots = 2 * int(launcher["AIRFLOW__CELERY__WORKER_CONCURRENCY"])
+    assert int(launcher["AIRFLOW__CORE__PARALLELISM"]) == slots
+
+
+def effective_celery_config(env: dict[str, str], home: Path) -> dict[str, Any]:
+    env = env | {"PATH": os.environ["PATH"], "AIRFLOW_HOME": str(home),
+                 "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _CELERY_CONFIG_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_launcher_and_the_celery_profile_configure_celery_alike(tmp_path) -> None:
+    """Airflow's own reading of both: the same executor, broker database, result backend (the
+    metadata database), queue, concurrency and acknowledgement."""
+    launcher = effective_celery_config(launcher_environment("celery", tmp_path / "launcher"),
+                                       tmp_path / "launcher")
+    # The file init-secrets writes, in a folder standing for the `secrets` volume.
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "sql_alchemy_conn").write_text(
+        "postgresql+psycopg2://airflow:pw@postgres:5432/airflow\n")
+    composed_env = {key: value.replace("/run/secrets/penguins", str(secrets))
+                    for key, value in compose_airflow_environment("celery").items()}
+    composed = effective_celery_config(composed_env, tmp_path / "compose")
+
+    for config in (launcher, composed):
+        assert config["executor"] == "CeleryExecutor"
+        assert config["sql_alchemy_conn"].startswith("postgresql+psycopg2://")
+        assert config["result_backend"] == f"db+{config['sql_alchemy_conn']}"
+    for key in ("worker_concurrency", "task_default_queue", "worker_prefetch_multiplier",
+                "task_acks_late"):
+        assert launcher[key] == composed[key], key
+    assert launcher["task_default_queue"] == "default"
+    brokers = [urlsplit(config["broker_url"]) for config in (launcher, composed)]
+    # The same Redis database on the standard port; only the host differs (`redis` in compose).
+    assert {(b.scheme, b.port, b.path) for b in brokers} == {("redis", 6379, "/0")}
+    assert [b.hostname for b in brokers] == ["127.0.0.1", "redis"]
 
 
 # --- the model signing key pair -----------------------------------------------------------------

@@ -25,9 +25,11 @@ import MySQLdb
 import pytest
 
 import local_mariadb
-from run_without_docker import StartError, ensure_database
+import run_without_docker
+from run_without_docker import StartError, ensure_database, ensure_postgres_database
 from tests.conftest import REPO
 from tests.mysql_server import free_port
+from tests.services import postgres_server
 from tests.support import processes_with_environment
 
 LAUNCHER = REPO / "airflow" / "run_without_docker.py"
@@ -90,6 +92,88 @@ def test_a_refused_login_is_not_reported_as_unreachable(mysql):
         ensure_database(f"mysql://u:{secret}@127.0.0.1:{free_port()}/penguins")
     assert "cannot reach" in str(nobody.value)
     assert secret not in str(nobody.value)
+
+
+def test_help_documents_the_executors_and_what_celery_needs():
+    shown = subprocess.run([sys.executable, str(LAUNCHER), "--help"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    for words in ("--executor {local,celery}", "--celery-workers N", "worker1@<host>",
+                  "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__BROKER_URL",
+                  "redis://127.0.0.1:6379/0", "AIRFLOW__CELERY__RESULT_BACKEND",
+                  "AIRFLOW__CELERY__WORKER_CONCURRENCY"):
+        assert words in text, words
+    wrong = subprocess.run([sys.executable, str(LAUNCHER), "--celery-workers", "2"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "needs --executor celery" in wrong.stderr
+
+
+def test_the_celery_shape_keeps_airflow_metadata_in_postgres():
+    settings = run_without_docker.celery_environment({})
+    metadata = settings["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert metadata == "postgresql+psycopg2://postgres@127.0.0.1:5432/airflow_penguins"
+    assert settings["AIRFLOW__CELERY__RESULT_BACKEND"] == f"db+{metadata}"
+    assert settings["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:6379/0"
+    given = run_without_docker.celery_environment(
+        {"AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+         "AIRFLOW__CELERY__BROKER_URL": "redis://10.0.0.5:6380/3"})
+    assert given["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1"
+    assert given["AIRFLOW__CELERY__BROKER_URL"] == "redis://10.0.0.5:6380/3"
+    with pytest.raises(StartError, match="Postgres, not in 'sqlite'"):
+        run_without_docker.celery_environment(
+            {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////tmp/airflow.db"})
+
+
+def test_a_worker_records_its_own_name_as_the_hostname(monkeypatch):
+    monkeypatch.setenv(run_without_docker.WORKER_NAME_VARIABLE, "worker2@box")
+    assert run_without_docker.celery_worker_hostname() == "worker2@box"
+    workers = run_without_docker.celery_workers(2, {"PYTHONPATH": str(REPO)}, Path("/logs"))
+    names = [w.own[run_without_docker.WORKER_NAME_VARIABLE] for w in workers]
+    assert names == [f"worker{n}@{socket.gethostname()}" for n in (1, 2)]
+    for worker, name in zip(workers, names, strict=True):
+        assert worker.argv[3:] == ["celery", "worker", "--celery-hostname", name, "--queues",
+                                   "default", "--skip-serve-logs"]
+        assert worker.own["AIRFLOW__CORE__HOSTNAME_CALLABLE"] == (
+            "run_without_docker.celery_worker_hostname")
+
+
+def test_postgres_is_created_in_or_refused_or_unreachable_without_showing_a_password():
+    secret = "not-the-password-4711"
+    with postgres_server() as server:
+        database = f"airflow_penguins_test_{os.getpid()}"
+        try:
+            where = ensure_postgres_database(server.url(database))
+            assert where == f"{server.host}:{server.port}/{database}"
+            assert ensure_postgres_database(server.url(database)) == where  # made once
+        finally:
+            server.drop(database)
+        with pytest.raises(StartError) as refused:
+            ensure_postgres_database(f"postgresql+psycopg2://nobody_4711:{secret}@"
+                                     f"{server.host}:{server.port}/airflow_penguins")
+    assert "refused the login of 'nobody_4711'" in str(refused.value)
+    with pytest.raises(StartError) as nobody:
+        ensure_postgres_database(f"postgresql+psycopg2://u:{secret}@127.0.0.1:{free_port()}/a")
+    assert "cannot reach Postgres" in str(nobody.value)
+    for problem in (refused.value, nobody.value):
+        assert secret not in str(problem)
+
+
+def test_a_missing_redis_stops_the_start_before_anything_runs(tmp_path):
+    secret = "not-the-password-4711"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update(AIRFLOW_HOME=str(tmp_path / "home"), AIRFLOW_API_PORT=str(free_port()),
+               SERVING_PORT=str(free_port()), PENGUINS_MYSQL_PORT=str(free_port()),
+               AIRFLOW__CELERY__BROKER_URL=f"redis://:{secret}@127.0.0.1:{free_port()}/0")
+    with postgres_server() as server:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = server.url("postgres")
+        started = subprocess.run([sys.executable, str(LAUNCHER), "--executor", "celery"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert "error: cannot reach Redis at 127.0.0.1:" in started.stderr, started.stderr
+    assert secret not in started.stdout + started.stderr
+    assert "MariaDB" not in started.stdout, "it started something first"
+    assert not (tmp_path / "home").exists()
 
 
 @dataclass(frozen=True)
