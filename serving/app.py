@@ -15,10 +15,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.di import Provide
+from litestar.exceptions.responses import create_exception_response
 from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -89,6 +91,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "predictions": _constant(Predictions(registry, metrics, settings.max_batch_rows)),
         },
         lifespan=[lifespan],
+        # The router's 404 and 405 come before any route, so only the app can shape them.
+        exception_handlers={404: _routing_error, 405: _routing_error},
         before_request=decode_body_strictly,
         request_class=StrictRequest,
         middleware=[_observe_requests(metrics)],
@@ -109,6 +113,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     _document_refused_fields(app)
     return app
+
+
+def _routing_error(request: Request[Any, Any, Any], exc: Exception) -> Response:
+    """No route for the path or the method: the protocol's error shape under ``/v2``, else
+    Litestar's own."""
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        return open_inference.as_v2_error(request, exc)
+    return create_exception_response(request, exc)
 
 
 def _constant(value: object) -> Provide:

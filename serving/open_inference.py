@@ -135,7 +135,7 @@ def router() -> Router:
         path="/v2", tags=["open inference protocol (KServe V2)"],
         route_handlers=[server_metadata, server_live, server_ready, model_metadata,
                         version_metadata, model_ready, version_ready, infer, infer_version],
-        before_request=_decode_body, exception_handlers={Exception: _as_v2_error},
+        before_request=_decode_body, exception_handlers={Exception: as_v2_error},
     )
 
 
@@ -148,8 +148,9 @@ async def _decode_body(request: Request[Any, Any, Any]) -> None:
     await decode_body_strictly(request, media_type_optional=True)
 
 
-def _as_v2_error(request: Request[Any, Any, Any], exc: Exception) -> Response[V2Error]:
-    """Any error as ``{"error": message}``; an unexpected one says no more than that it was."""
+def as_v2_error(request: Request[Any, Any, Any], exc: Exception) -> Response[V2Error]:
+    """Any error as ``{"error": message}``; an unexpected one says no more than that it was.
+    (Also the app's answer to a ``/v2`` path or method that no route has: see ``serving.app``.)"""
     if not isinstance(exc, HTTPException) or exc.status_code == 500:
         return Response(V2Error("Internal server error"), status_code=500)
     message = exc.detail

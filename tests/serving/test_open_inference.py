@@ -293,3 +293,20 @@ def test_the_openapi_document_describes_the_v2_paths(small_client):
         "$ref": "#/components/schemas/V2Error"}
     for name in ("V2InferRequest", "V2RequestInput", "V2RequestOutput"):
         assert schema["components"]["schemas"][name]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/v2/no/such/path", 404), ("GET", "/v2/models", 404),
+    ("DELETE", "/v2/health/live", 405), ("GET", "/v2/models/knn/infer", 405),
+])
+def test_a_v2_path_or_method_no_route_has_gets_the_protocols_error_shape(
+        client, method, path, status):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert set(response.json()) == {"error"} and response.json()["error"]
+
+
+def test_outside_v2_a_missing_route_keeps_litestars_error_shape(client):
+    response = client.get("/no/such/path")
+    assert response.status_code == 404
+    assert response.json() == {"status_code": 404, "detail": "Not Found"}
