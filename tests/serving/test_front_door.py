@@ -351,6 +351,9 @@ _RELOCATED = _ONE[:-1] + ', "island": "Dream"}'
     ("/predict/svm", json.dumps(PENGUIN)[:-1] + ', "sex": "female"}', "sex"),
     ("/predict/svm", json.dumps(PENGUIN)[:-1] + ', "s\\u0065x": "female"}', "sex"),
     ("/predict/svm", json.dumps(PENGUIN)[:-1] + ', "year" : 2008}', "year"),
+    ("/predict/svm", json.dumps(PENGUIN)[:-1] + ',\n"year"\t\r\n:2008}', "year"),
+    ("/predict/svm", json.dumps({**PENGUIN, "year": 2007}, indent=4)[:-1] + ',"sex"\n : "female"}',
+     "sex"),
     ("/predict-batch/svm", f'{{"penguins": [{_ONE}, {_RELOCATED}]}}', "island"),
     ("/predict-batch/svm", f'{{"penguins": [{_ONE}], "penguins": [{_ONE}]}}', "penguins"),
 ])
