@@ -41,7 +41,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -265,25 +265,35 @@ class Features:
         self.learnt = {column: (mean, scale) for column, _, mean, scale in self._numeric}
         """Each scaled column's mean and scale, as learnt from the training data."""
         self._numeric_values = itemgetter(*self.learnt) if self.learnt else None
+        self._numeric_attributes = attrgetter(*self.learnt) if self.learnt else None
         self._numeric_slots = np.array([slot for _, slot, _, _ in self._numeric], dtype=np.intp)
         self._means = np.array([mean for _, _, mean, _ in self._numeric])
         self._scales = np.array([scale for _, _, _, scale in self._numeric])
 
-    def matrix(self, rows: Sequence[Row]) -> np.ndarray:
+    def matrix(self, rows: Sequence[Row] | Sequence[Any]) -> np.ndarray:
+        """``rows``: mappings by column, or structs with the columns as fields (the service's
+        ``Penguin``, which then need no copying into dicts)."""
+        if not rows:
+            return np.zeros((0, self._width))
+        by_attribute = not isinstance(rows[0], Mapping)
         if len(rows) == 1:  # The common case: a few microseconds in plain Python.
-            return np.array([self._vector(rows[0])], dtype=np.float64)
+            row = rows[0]
+            return np.array([self._vector(_as_mapping(row) if by_attribute else row)],
+                            dtype=np.float64)
         features = np.zeros((len(rows), self._width))
-        if self._numeric_values is not None:
-            values = np.array(list(map(self._numeric_values, rows)), dtype=np.float64)
+        numeric_values = self._numeric_attributes if by_attribute else self._numeric_values
+        if numeric_values is not None:
+            values = np.array(list(map(numeric_values, rows)), dtype=np.float64)
             values -= self._means
             values /= self._scales
             features[:, self._numeric_slots] = values.reshape(len(rows), -1)
         for column, slots, ignore_unknown in self._categorical:
-            found = np.fromiter((slots.get(value, -1) for value in map(itemgetter(column), rows)),
+            value_of = attrgetter(column) if by_attribute else itemgetter(column)
+            found = np.fromiter((slots.get(value, -1) for value in map(value_of, rows)),
                                 dtype=np.intp, count=len(rows))
             known = found >= 0
             if not (ignore_unknown or known.all()):
-                unknown = rows[int(np.argmin(known))][column]
+                unknown = value_of(rows[int(np.argmin(known))])
                 raise ValueError(f"{column} {unknown!r} is a category the model never saw")
             features[known.nonzero()[0], found[known]] = 1.0
         return features
@@ -301,6 +311,11 @@ class Features:
             elif not ignore_unknown:
                 raise ValueError(f"{column} {row[column]!r} is a category the model never saw")
         return vector
+
+
+def _as_mapping(row: Any) -> Mapping[str, Any]:
+    """A msgspec struct's fields by name, as ``_vector`` reads a row."""
+    return {name: getattr(row, name) for name in row.__struct_fields__}
 
 
 class CompiledPredictor:
@@ -332,7 +347,7 @@ class CompiledPredictor:
         data = plain_data.encode(export_spec(pipeline, n_classes))
         return cls.from_spec(plain_data.decode(data, max_bytes=len(data)), n_classes=n_classes)
 
-    def predict(self, rows: Sequence[Row]) -> Answer:
+    def predict(self, rows: Sequence[Row] | Sequence[Any]) -> Answer:
         return self._estimate(self.features.matrix(rows))
 
 

@@ -7,10 +7,11 @@ in an anyio task group, which costs a single prediction more than most models do
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import anyio.to_thread
-import msgspec
 from litestar.exceptions import NotFoundException, ServiceUnavailableException
 
 from serving.metrics import Metrics
@@ -70,18 +71,26 @@ class Predictions:
 
     def classify(self, model: ServedVersion, penguins: list[Penguin]
                  ) -> list[SpeciesPrediction]:
-        rows = [msgspec.structs.asdict(penguin) for penguin in penguins]
         started = time.perf_counter()
-        codes, probabilities = model.predictor.predict(rows)
-        self.metrics.observe_prediction(model.name, len(rows), time.perf_counter() - started)
-        classes = model.classes
+        codes, probabilities = model.predictor.predict(penguins)
+        self.metrics.observe_prediction(model.name, len(penguins), time.perf_counter() - started)
+        classes, by_class = model.classes, _by_class(model.classes)
         # Python numbers first (`tolist`): iterating NumPy arrays makes a NumPy scalar per value.
         # Not `strict` zips, a third of the time on a batch: the shapes are checked at load time.
         return [
-            SpeciesPrediction(species=classes[code],
-                              probabilities=dict(zip(classes, row, strict=False)))
+            SpeciesPrediction(species=classes[code], probabilities=by_class(row))
             for code, row in zip(codes.tolist(), probabilities.tolist(), strict=False)
         ]
+
+
+@functools.cache
+def _by_class(classes: tuple[str, ...]) -> Callable[[list[float]], dict[str, float]]:
+    """A row of probabilities as a dict by class. For three classes, a dict display: a quarter of
+    the time of ``dict(zip(...))``, which was most of a batch's answer."""
+    if len(classes) == 3:
+        first, second, third = classes
+        return lambda row: {first: row[0], second: row[1], third: row[2]}
+    return lambda row: dict(zip(classes, row, strict=True))
 
 
 def find_model(snapshot: Snapshot, name: str) -> ModelState:
