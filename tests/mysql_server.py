@@ -9,6 +9,7 @@ session works in a database of its own, dropped at the end.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -108,6 +109,24 @@ def throwaway_mariadb() -> Iterator[Server]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, below the kernel's range of ephemeral ports:
+    a port the kernel hands out (``bind(0)``) can be taken, before the server binds it, by any
+    process's next outgoing connection (seen: a launcher test's service, "address in use")."""
+    low = _ephemeral_ports()[0]
+    for _ in range(200):
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from serving.registry import ModelRegistry
 from serving.settings import Settings
 from serving.store import signing, writer
 from serving.store.documents import ModelEntry
+from tests.mysql_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "manual__serving_tests"
@@ -179,12 +179,6 @@ class LiveService:
     url: str
     models_dir: Path
     process: subprocess.Popen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
