@@ -107,10 +107,12 @@ def _tail(path: Path, characters: int = 3000) -> str:
         return "(no log)"
 
 
-@pytest.fixture
-def celery_system(mysql, tmp_path, request) -> Iterator[System]:
-    """The distributed shape, started as the README says; stopped afterwards, leaving nothing.
-    Parametrized indirectly, the parameter is more environment (``HEARTBEAT_TIMEOUT``)."""
+@pytest.fixture(scope="module")
+def celery_system(mysql, tmp_path_factory) -> Iterator[System]:
+    """The distributed shape, started as the README says, once for this module's tests (the
+    killed worker's test comes last); stopped afterwards, leaving nothing. A dead worker's
+    tasks are noticed after ``HEARTBEAT_TIMEOUT``, not Airflow's five minutes."""
+    tmp_path = tmp_path_factory.mktemp("celery")
     home, log = tmp_path / "home", tmp_path / "launcher.log"
     api_port, serving_port = free_port(), free_port()
     with postgres_database() as (postgres, database), redis_broker() as broker:
@@ -121,7 +123,7 @@ def celery_system(mysql, tmp_path, request) -> Iterator[System]:
                    AIRFLOW_CONN_MYSQL_AIRFLOW_CONN=mysql.url,
                    AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres.url(database),
                    AIRFLOW__CELERY__BROKER_URL=broker)
-        env.update(getattr(request, "param", {}))
+        env.update(HEARTBEAT_TIMEOUT)
         with log.open("wb") as out:
             launcher = subprocess.Popen(
                 [sys.executable, str(LAUNCHER), "--executor", "celery", "--celery-workers", "2"],
@@ -226,8 +228,6 @@ def _kill_worker(name: str, home: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("celery_system", [HEARTBEAT_TIMEOUT], indirect=True,
-                         ids=["heartbeat-timeout-20s"])
 def test_a_copy_on_a_killed_worker_is_retried_on_the_other(celery_system):
     system = celery_system
     started = time.monotonic()

@@ -46,9 +46,11 @@ def _wait(what: str, check, seconds: float, log: Path):
                 + log.read_text(errors="replace")[-4000:])
 
 
-@pytest.fixture
-def system(mysql, tmp_path):
-    """The whole system, started with the README's no-Docker command; stopped afterwards."""
+@pytest.fixture(scope="module")
+def system(mysql, tmp_path_factory):
+    """The whole system, started with the README's no-Docker command, once for the module's
+    tests; stopped afterwards."""
+    tmp_path = tmp_path_factory.mktemp("system")
     home, models, log = tmp_path / "home", tmp_path / "models", tmp_path / "system.log"
     api_port, serving_port = free_port(), free_port()
     # Not the test setup's key pair either: the launcher makes its own on its first start.
