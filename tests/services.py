@@ -32,6 +32,7 @@ import psycopg2
 import redis
 
 from tests.mysql_server import free_port
+from tests.support import stop
 
 SETUP_HINT = "bash .ci/setup --tests installs it"
 
@@ -223,11 +224,6 @@ def throwaway_redis() -> Iterator[int]:
             time.sleep(0.1)
         yield port
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         server.stdout.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+
+
+def stop(process: subprocess.Popen, seconds: float = 10) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``seconds``; reaped."""
+    process.terminate()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def processes_with_environment(variable: str) -> list[int]:

@@ -46,6 +46,7 @@ from tests.benchmarks.processes import REPO
 from tests.benchmarks.section import Context, SectionResult, Table, Target, progress
 from tests.benchmarks.store import publish_models, train_models
 from tests.serving.conftest import PENGUIN, LiveService, free_port, run_uvicorn, wait_until
+from tests.support import stop
 
 CEILING = "/benchmark/ceiling"
 CONNECTIONS = 8
@@ -210,12 +211,7 @@ def _bare_echo(log_file: Path, cpu: int) -> Iterator[str]:
             _warm_up(f"{url}/predict/{_name(endpoint)}")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _echo_answers(process: subprocess.Popen, url: str) -> bool:

@@ -31,6 +31,7 @@ from serving.settings import Settings
 from serving.store import signing, writer
 from serving.store.documents import ModelEntry
 from tests.mysql_server import free_port
+from tests.support import stop
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "manual__serving_tests"
@@ -205,12 +206,7 @@ def run_uvicorn(models_dir: Path, log_file: Path, *, cpu: int | None = None,
         wait_until(lambda: _answers(service), timeout=startup_seconds, interval=0.1)
         yield service
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _answers(service: LiveService) -> bool:
