@@ -10,6 +10,7 @@ at import.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import open_inference, open_inference_schemas, routes
+from serving.fast_lane import fast_lane
 from serving.loader import Limits, Loader
 from serving.metrics import Metrics
 from serving.predictions import Predictions
@@ -67,6 +69,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await anyio.to_thread.run_sync(registry.wait_for_promoted,
                                        settings.loader_timeout_seconds)
         registry.start(settings.reload_interval_seconds)
+        # What exists by now (modules, the app and its OpenAPI document, the models) lives as
+        # long as the process. Out of the cyclic collector's sight, it is no longer walked by
+        # every full collection: that walk stalled whichever request set one off (the p99).
+        gc.freeze()
         if metrics.multiprocess_dir:
             log.info("metrics: the workers' counts are summed from %s (PROMETHEUS_MULTIPROC_DIR)",
                      metrics.multiprocess_dir)
@@ -76,9 +82,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             registry.stop()
             metrics.close()
 
+    predictions = Predictions(registry, metrics, settings.max_batch_rows)
     app = Litestar(
         route_handlers=[
             *routes.routers(settings.max_batch_rows,
+                            fast_lane(predictions, settings.max_body_bytes),
                             benchmark_endpoints=settings.benchmark_endpoints),
             open_inference.router(),
             create_static_files_router(
@@ -88,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         dependencies={
             "registry": _constant(registry),
             "metrics": _constant(metrics),
-            "predictions": _constant(Predictions(registry, metrics, settings.max_batch_rows)),
+            "predictions": _constant(predictions),
         },
         lifespan=[lifespan],
         # The router's 404 and 405 come before any route, so only the app can shape them.

@@ -59,9 +59,12 @@ class Predictions:
     async def one(self, model: ServedVersion, penguin: Penguin) -> Prediction:
         if model.predictor.fast:
             # Tens of microseconds: less than handing the row to a worker thread and back.
-            (answer,) = self.classify(model, [penguin])
-        else:
-            (answer,) = await anyio.to_thread.run_sync(self.classify, model, [penguin])
+            return self.answer(model, penguin)
+        return await anyio.to_thread.run_sync(self.answer, model, penguin)
+
+    def answer(self, model: ServedVersion, penguin: Penguin) -> Prediction:
+        """The prediction of ``model`` for one penguin, here and now."""
+        (answer,) = self.classify(model, [penguin])
         return Prediction(species=answer.species, probabilities=answer.probabilities,
                           model=model.answered_by)
 

@@ -16,6 +16,7 @@ from litestar.exceptions import ServiceUnavailableException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter
+from litestar.types import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.contract import MODEL_NAME_PATTERN, MODEL_NAMES
@@ -162,15 +163,18 @@ async def ceiling(data: JSONBody[Penguin]) -> Prediction:
     return _CEILING_ANSWER
 
 
-def routers(max_batch_rows: int, *, benchmark_endpoints: bool = False) -> list[Router]:
-    """Every route, one ``Router`` per OpenAPI tag; the batch routes take at most
-    ``max_batch_rows`` penguins, and ``/benchmark/ceiling`` is there only if asked for."""
+def routers(max_batch_rows: int, fast_lane: Middleware, *, benchmark_endpoints: bool = False
+            ) -> list[Router]:
+    """Every route, in ``Router``s by OpenAPI tag; the single predictions behind
+    ``fast_lane`` (``serving.fast_lane``), the batch routes taking at most ``max_batch_rows``
+    penguins, and ``/benchmark/ceiling`` there only if asked for."""
     return [
         Router("/", tags=["service"], route_handlers=[health, ready, metrics]),
         Router("/models", tags=["models"], route_handlers=[list_models, get_model, list_versions]),
+        Router("/", tags=["predict"], route_handlers=[predict_best, predict],
+               middleware=[fast_lane]),
         Router("/", tags=["predict"], route_handlers=[
-            predict_best, predict, *_batch_routes(max_batch_rows),
-            *([ceiling] if benchmark_endpoints else []),
+            *_batch_routes(max_batch_rows), *([ceiling] if benchmark_endpoints else []),
         ]),
     ]
 

@@ -22,7 +22,7 @@ import msgspec.inspect
 from litestar import Request
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_415_UNSUPPORTED_MEDIA_TYPE
-from litestar.types import Empty
+from litestar.types import Empty, Scope
 
 from serving.contract import ISLANDS, SEXES
 
@@ -39,9 +39,9 @@ async def decode_body_strictly(request: Request[Any, Any, Any], *,
     data_field = request.route_handler.parsed_data_field
     if data_field is None:
         return None
-    content_type = _content_type(request)
-    if not (media_type_optional and content_type is None):
-        _require_json(request, content_type or "")
+    declared = content_type(request.scope)
+    if not (media_type_optional and declared is None):
+        _require_json(request, declared or "")
     body = await request.body()  # Raises 413 beyond the route's request_max_body_size.
     if not body.strip():
         raise ValidationException(
@@ -80,19 +80,30 @@ class UnsupportedMediaType(HTTPException):
     status_code = HTTP_415_UNSUPPORTED_MEDIA_TYPE
 
 
-def _content_type(request: Request[Any, Any, Any]) -> str | None:
+def content_type(scope: Scope) -> str | None:
+    """The request's ``Content-Type``, if it has one."""
     # From the raw headers: ``request.headers`` builds a mapping of them all, on every request.
-    for name, value in request.scope["headers"]:
+    for name, value in scope["headers"]:
         if name.lower() == b"content-type":
             return value.decode("latin-1")
     return None
 
 
+def is_json(content_type: str | None) -> bool:
+    """``content_type`` declares JSON: ``application/json`` or an ``application/*+json``."""
+    media_type = _media_type(content_type or "")
+    return media_type == "application/json" or (media_type.startswith("application/")
+                                                 and media_type.endswith("+json"))
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip().lower()
+
+
 def _require_json(request: Request[Any, Any, Any], content_type: str) -> None:
-    media_type = content_type.partition(";")[0].strip().lower()
-    if media_type == "application/json" or (media_type.startswith("application/")
-                                            and media_type.endswith("+json")):
+    if is_json(content_type):
         return
+    media_type = _media_type(content_type)
     shown = f"`{media_type[:64]}`" if media_type else "none"
     raise UnsupportedMediaType(
         detail=f"{_where(request)} takes a JSON body: send Content-Type: application/json "
@@ -100,6 +111,18 @@ def _require_json(request: Request[Any, Any, Any], content_type: str) -> None:
         extra=[{"key": "Content-Type", "message": "Expected application/json",
                 "source": "header"}],
     )
+
+
+def accepted(body: bytes, annotation: Any) -> Any:
+    """``body`` decoded into ``annotation``, if ``decode_body_strictly`` takes it as it is; else
+    ``Empty`` (and the hook says what is wrong)."""
+    if not body.strip():
+        return Empty
+    try:
+        decoded = _decode(body, annotation)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        return Empty
+    return Empty if repeated_key(body, decoded) is not None else decoded
 
 
 # A JSON key is a string followed by a colon; in a body with no backslash, no string can hold
@@ -112,7 +135,7 @@ def repeated_key(body: bytes, decoded: Any) -> str | None:
     """A key that appears twice in one object of ``body``, which decoded to ``decoded``; None if
     there is none. ``decoded`` holds one value per key, so a body with more keys than it has
     fields repeats one. Only then, or when escapes could hide a key, is the body parsed again."""
-    if b"\\" not in body and msgspec.json.format(body, indent=0).count(_KEY) == _fields_in(decoded):
+    if b"\\" not in body and _keys_in(body, type(decoded)) == _fields_in(decoded):
         return None
     repeated: list[str] = []
 
@@ -125,6 +148,35 @@ def repeated_key(body: bytes, decoded: Any) -> str | None:
 
     json.loads(body, object_pairs_hook=note_repeats)
     return repeated[0] if repeated else None
+
+
+def _keys_in(body: bytes, kind: type) -> int:
+    """How many keys ``body`` (with no backslash, decoded into a ``kind``) holds."""
+    if _without_colons(kind):
+        # Every string of the body is a field's name or one of a Literal's values: outside
+        # strings, a colon only ever ends a key.
+        return body.count(b":")
+    return msgspec.json.format(body, indent=0).count(_KEY)
+
+
+@functools.cache
+def _without_colons(kind: type) -> bool:
+    """No string a body decoded into a ``kind`` may hold has a colon: its objects are structs
+    that refuse unknown fields, and its strings Literals."""
+    return _colon_free(msgspec.inspect.type_info(kind))
+
+
+def _colon_free(kind: msgspec.inspect.Type) -> bool:
+    kind = _unwrapped(kind)
+    if isinstance(kind, msgspec.inspect.StructType):
+        return kind.forbid_unknown_fields and all(
+            ":" not in field.encode_name and _colon_free(field.type) for field in kind.fields)
+    if isinstance(kind, msgspec.inspect.ListType):
+        return _colon_free(kind.item_type)
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return all(not isinstance(value, str) or ":" not in value for value in kind.values)
+    return isinstance(kind, msgspec.inspect.IntType | msgspec.inspect.FloatType
+                      | msgspec.inspect.BoolType | msgspec.inspect.NoneType)
 
 
 def _fields_in(value: Any) -> int:
