@@ -41,9 +41,10 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from serving import compiled_spec, plain_data
@@ -264,8 +265,7 @@ class Features:
         ]
         self.learnt = {column: (mean, scale) for column, _, mean, scale in self._numeric}
         """Each scaled column's mean and scale, as learnt from the training data."""
-        self._numeric_values = itemgetter(*self.learnt) if self.learnt else None
-        self._numeric_attributes = attrgetter(*self.learnt) if self.learnt else None
+        self._needed = [*self.learnt, *(column for column, _, _ in self._categorical)]
         self._numeric_slots = np.array([slot for _, slot, _, _ in self._numeric], dtype=np.intp)
         self._means = np.array([mean for _, _, mean, _ in self._numeric])
         self._scales = np.array([scale for _, _, _, scale in self._numeric])
@@ -280,20 +280,20 @@ class Features:
             row = rows[0]
             return np.array([self._vector(_as_mapping(row) if by_attribute else row)],
                             dtype=np.float64)
+        columns = _struct_columns(rows) if by_attribute else _mapping_columns(rows, self._needed)
         features = np.zeros((len(rows), self._width))
-        numeric_values = self._numeric_attributes if by_attribute else self._numeric_values
-        if numeric_values is not None:
-            values = np.array(list(map(numeric_values, rows)), dtype=np.float64)
+        if self._numeric:
+            values = np.array([columns[column] for column, _, _, _ in self._numeric],
+                              dtype=np.float64).T
             values -= self._means
             values /= self._scales
-            features[:, self._numeric_slots] = values.reshape(len(rows), -1)
+            features[:, self._numeric_slots] = values
         for column, slots, ignore_unknown in self._categorical:
-            value_of = attrgetter(column) if by_attribute else itemgetter(column)
-            found = np.fromiter((slots.get(value, -1) for value in map(value_of, rows)),
+            found = np.fromiter(map(slots.get, columns[column], itertools.repeat(-1)),
                                 dtype=np.intp, count=len(rows))
             known = found >= 0
             if not (ignore_unknown or known.all()):
-                unknown = value_of(rows[int(np.argmin(known))])
+                unknown = columns[column][int(np.argmin(known))]
                 raise ValueError(f"{column} {unknown!r} is a category the model never saw")
             features[known.nonzero()[0], found[known]] = 1.0
         return features
@@ -311,6 +311,17 @@ class Features:
             elif not ignore_unknown:
                 raise ValueError(f"{column} {row[column]!r} is a category the model never saw")
         return vector
+
+
+def _struct_columns(rows: Sequence[Any]) -> dict[str, Sequence[Any]]:
+    """The fields of structs of one type, column by column: a C call per struct, then a
+    transposition, rather than a Python call per field of each row."""
+    by_column = zip(*map(msgspec.structs.astuple, rows), strict=True)
+    return dict(zip(rows[0].__struct_fields__, by_column, strict=True))
+
+
+def _mapping_columns(rows: Sequence[Row], names: Sequence[str]) -> dict[str, Sequence[Any]]:
+    return {name: list(map(itemgetter(name), rows)) for name in names}
 
 
 def _as_mapping(row: Any) -> Mapping[str, Any]:
