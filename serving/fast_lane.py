@@ -11,7 +11,8 @@ Litestar's routing and inside its exception handling and the service's metrics m
 the request is counted and timed as any other.
 
 A request the lane is not sure of goes on to the route, its body replayed exactly as it came:
-a query string (``?version=``), a body not declared JSON, larger than ``MAX_BODY_BYTES``, empty,
+a query string (``?version=``), a body not declared JSON, larger than ``MAX_BODY_BYTES`` (or
+declared so by its ``Content-Length``, before any of it is read), empty,
 malformed, off the schema or with a repeated key, a model name the route's pattern refuses, a
 model that is unknown, not served or too slow for the event loop, or any error. So the route,
 and only the route, answers every error, as the OpenAPI document says.
@@ -63,6 +64,9 @@ def fast_lane(predictions: Predictions, max_body_bytes: int) -> Middleware:
         name = scope["path_params"].get("model_name")
         if name is not None and not _MODEL_NAME.search(name):
             return None
+        declared = validation.header(scope, b"content-length")
+        if declared is not None and not (declared.isdigit() and int(declared) <= max_body_bytes):
+            return None  # The route refuses it at once, before any of the body comes.
         body = await _body(receive, received, max_body_bytes)
         if body is None:
             return None

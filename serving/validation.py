@@ -82,9 +82,14 @@ class UnsupportedMediaType(HTTPException):
 
 def content_type(scope: Scope) -> str | None:
     """The request's ``Content-Type``, if it has one."""
+    return header(scope, b"content-type")
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The request's first header ``name`` (lower-case), if it has one."""
     # From the raw headers: ``request.headers`` builds a mapping of them all, on every request.
-    for name, value in scope["headers"]:
-        if name.lower() == b"content-type":
+    for key, value in scope["headers"]:
+        if key.lower() == name:
             return value.decode("latin-1")
     return None
 

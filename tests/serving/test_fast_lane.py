@@ -151,3 +151,29 @@ def test_a_client_gone_before_its_body_reaches_the_route(predictions):
     (_, messages), = route.calls
     assert messages == [{"type": "http.disconnect"}]
 
+
+
+def test_a_body_declared_too_large_reaches_the_route_before_any_of_it_is_read(predictions):
+    """The route refuses it (413) from its Content-Length alone: the lane must not wait for a
+    body that may never come."""
+    reads = []
+
+    class Counting(Route):
+        async def __call__(self, scope, receive, send) -> None:
+            reads.append("route")
+            await super().__call__(scope, receive, send)
+
+    route = Counting()
+    scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+             "path_params": {}, "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", b"%d" % (MAX_BODY_BYTES + 1))]}
+
+    async def receive() -> dict[str, Any]:
+        reads.append("body")
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    asyncio.run(fast_lane(predictions, MAX_BODY_BYTES)(route)(scope, receive, send))
+    assert reads == ["route", "body"]
