@@ -11,11 +11,11 @@ Litestar's routing and inside its exception handling and the service's metrics m
 the request is counted and timed as any other.
 
 A request the lane is not sure of goes on to the route, its body replayed exactly as it came:
-a query string (``?version=``), a body not declared JSON, larger than ``MAX_BODY_BYTES`` (or
-declared so by its ``Content-Length``, before any of it is read), empty,
-malformed, off the schema or with a repeated key, a model name the route's pattern refuses, a
-model that is unknown, not served or too slow for the event loop, or any error. So the route,
-and only the route, answers every error, as the OpenAPI document says.
+another method than POST (Litestar's OPTIONS), a query string (``?version=``), a body not
+declared JSON, larger than ``MAX_BODY_BYTES`` (or declared so by its ``Content-Length``, before
+any of it is read), empty, malformed, off the schema or with a repeated key, a model name the
+route's pattern refuses, a model that is unknown, not served or too slow for the event loop, or
+any error. So the route, and only the route, answers every error, as the OpenAPI document says.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def fast_lane(predictions: Predictions, max_body_bytes: int) -> Middleware:
     async def _answer(scope: Scope, receive: Receive, received: list[Message]) -> bytes | None:
         """The encoded answer, or None for the route to answer; ``received`` collects the
         messages read."""
-        if scope["query_string"] or not validation.is_json(validation.content_type(scope)):
+        # The routes' own router also answers OPTIONS: only a POST is a prediction.
+        if (scope["method"] != "POST" or scope["query_string"]
+                or not validation.is_json(validation.content_type(scope))):
             return None
         name = scope["path_params"].get("model_name")
         if name is not None and not _MODEL_NAME.search(name):

@@ -62,6 +62,11 @@ async def decode_body_strictly(request: Request[Any, Any, Any], *,
             detail=f"Validation failed for {_where(request)}: the body is not valid JSON ({exc})",
             extra=[{"message": f"Malformed JSON: {exc}", "source": "body"}],
         ) from None
+    except RecursionError:
+        raise ValidationException(
+            detail=f"Validation failed for {_where(request)}: the body nests too deeply",
+            extra=[{"message": "JSON nested too deeply", "source": "body"}],
+        ) from None
     if (repeated := repeated_key(body, decoded)) is not None:
         raise ValidationException(
             detail=f"Validation failed for {_where(request)}: {repeated}: the key appears more "
@@ -125,7 +130,7 @@ def accepted(body: bytes, annotation: Any) -> Any:
         return Empty
     try:
         decoded = _decode(body, annotation)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return Empty
     return Empty if repeated_key(body, decoded) is not None else decoded
 
@@ -140,7 +145,8 @@ def repeated_key(body: bytes, decoded: Any) -> str | None:
     """A key that appears twice in one object of ``body``, which decoded to ``decoded``; None if
     there is none. ``decoded`` holds one value per key, so a body with more keys than it has
     fields repeats one. Only then, or when escapes could hide a key, is the body parsed again."""
-    if b"\\" not in body and _keys_in(body, type(decoded)) == _fields_in(decoded):
+    expected = _fields_in(decoded)
+    if expected is not None and b"\\" not in body and _keys_in(body, type(decoded)) == expected:
         return None
     repeated: list[str] = []
 
@@ -184,16 +190,24 @@ def _colon_free(kind: msgspec.inspect.Type) -> bool:
                       | msgspec.inspect.BoolType | msgspec.inspect.NoneType)
 
 
-def _fields_in(value: Any) -> int:
-    """How many keys the JSON of ``value`` holds (all of a struct's fields are required)."""
+def _fields_in(value: Any) -> int | None:
+    """How many keys the JSON of ``value`` holds; None when that cannot be told from ``value``
+    (a struct with optional fields, which a body may leave out or give)."""
     if isinstance(value, msgspec.Struct):
-        if _is_flat(type(value)):  # a penguin
-            return len(value.__struct_fields__)
-        return sum(1 + _fields_in(getattr(value, name)) for name in value.__struct_fields__)
+        kind = type(value)
+        if kind.__struct_defaults__:
+            return None
+        if _is_flat(kind):  # a penguin
+            return len(kind.__struct_fields__)
+        counts = [_fields_in(getattr(value, name)) for name in kind.__struct_fields__]
+        return None if None in counts else len(counts) + sum(counts)
     if isinstance(value, list) and value:
-        if isinstance(value[0], msgspec.Struct) and _is_flat(type(value[0])):
-            return len(value) * len(value[0].__struct_fields__)  # a batch: cheap to count
-        return sum(_fields_in(item) for item in value)
+        first = type(value[0])
+        if (issubclass(first, msgspec.Struct) and not first.__struct_defaults__
+                and _is_flat(first)):
+            return len(value) * len(first.__struct_fields__)  # a batch: cheap to count
+        counts = [_fields_in(item) for item in value]
+        return None if None in counts else sum(counts)
     return 0
 
 

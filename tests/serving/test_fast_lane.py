@@ -177,3 +177,12 @@ def test_a_body_declared_too_large_reaches_the_route_before_any_of_it_is_read(pr
 
     asyncio.run(fast_lane(predictions, MAX_BODY_BYTES)(route)(scope, receive, send))
     assert reads == ["route", "body"]
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/svm"])
+def test_options_with_a_body_is_answered_as_options(client, path):
+    answer = client.request("OPTIONS", path, content=BODY,
+                            headers={"content-type": "application/json"})
+    assert answer.status_code == 204, answer.text
+    assert answer.content == b""
+    assert "POST" in answer.headers["allow"]

@@ -235,15 +235,31 @@ def small_client(published, tmp_path_factory) -> TestClient:
     (_request(shape=[1, 1], data=[["Biscoe"]]), {}, 200, None),
     (_request(shape=[1, 1, 1]), {}, 400, "inputs[0].shape: Expected `array` of length <= 2"),
     (_request(), {"Inference-Header-Content-Length": "10"}, 400, "binary_data=False"),
+    # As many repeats as the optional fields the body leaves out: a count of keys against the
+    # fields decoded would balance.
+    (_request().replace(b'"data": ["Biscoe"]', b'"data": ["Dream"], ' * 10
+                        + b'"data": ["Biscoe"]', 1),
+     {}, 400, "data: the key appears more than once"),
 ], ids=["malformed JSON", "empty body", "repeated key", "unknown field", "too large",
         "not JSON", "declared JSON", "too many rows", "no rows", "two columns",
-        "shape and data disagree", "nested data", "three dimensions", "binary body"])
+        "shape and data disagree", "nested data", "three dimensions", "binary body",
+        "repeats balancing the optional fields"])
 def test_every_v2_error_has_the_protocols_shape(small_client, body, headers, status, expected):
     answer = small_client.post("/v2/models/svm/infer", content=body, headers=headers)
     assert answer.status_code == status, answer.text
     if expected is not None:
         assert list(answer.json()) == ["error"], answer.json()
         assert expected in answer.json()["error"]
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash(client):
+    document = json.loads(_request())
+    body = json.dumps(document)[:-1] + ', "parameters": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"
+    answer = client.post("/v2/models/svm/infer", content=body,
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"error": "Validation failed for POST /v2/models/svm/infer: the "
+                                      "body nests too deeply"}
 
 
 def test_litestars_own_validation_errors_have_the_protocols_shape(small_client):
