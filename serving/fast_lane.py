@@ -23,9 +23,7 @@ from __future__ import annotations
 import re
 
 import msgspec
-from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Middleware, Receive, Scope, Send
-from litestar.types.empty import Empty
 
 from serving import validation
 from serving.contract import MODEL_NAME_PATTERN
@@ -72,17 +70,13 @@ def fast_lane(predictions: Predictions, max_body_bytes: int) -> Middleware:
         body = await _body(receive, received, max_body_bytes)
         if body is None:
             return None
-        penguin = validation.accepted(body, Penguin)
-        if penguin is Empty:
-            return None
         try:
+            penguin = validation.strictly_decoded(body, Penguin, _unnamed)
             model = predictions.served(name)
             if not model.predictor.fast:
                 return None  # The route runs it in a worker thread.
             return msgspec.json.encode(predictions.answer(model, penguin))
-        except HTTPException:
-            return None  # Not found, or not served: the route says why.
-        except Exception:  # noqa: BLE001 - the route meets the same error, and logs it
+        except Exception:  # noqa: BLE001 - a 4xx, a 503, or a fault: the route meets it too
             return None
 
     return middleware
@@ -104,6 +98,11 @@ async def _body(receive: Receive, received: list[Message], max_bytes: int) -> by
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _unnamed() -> str:
+    # The lane drops the error, and the route names the request in its own.
+    return ""
 
 
 def _replaying(received: list[Message], receive: Receive) -> Receive:

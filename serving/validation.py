@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -43,36 +44,7 @@ async def decode_body_strictly(request: Request[Any, Any, Any], *,
     if not (media_type_optional and declared is None):
         _require_json(request, declared or "")
     body = await request.body()  # Raises 413 beyond the route's request_max_body_size.
-    if not body.strip():
-        raise ValidationException(
-            detail=f"Validation failed for {_where(request)}: the request body is empty",
-            extra=[{"message": "Expected a JSON object, got an empty body", "source": "body"}],
-        )
-    try:
-        decoded = _decode(body, data_field.annotation)
-    except msgspec.ValidationError as exc:
-        error = describe(str(exc))
-        raise ValidationException(
-            detail=f"Validation failed for {_where(request)}: {error.get('key', 'body')}: "
-                   f"{error['message']}",
-            extra=[error],
-        ) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ValidationException(
-            detail=f"Validation failed for {_where(request)}: the body is not valid JSON ({exc})",
-            extra=[{"message": f"Malformed JSON: {exc}", "source": "body"}],
-        ) from None
-    except RecursionError:
-        raise ValidationException(
-            detail=f"Validation failed for {_where(request)}: the body nests too deeply",
-            extra=[{"message": "JSON nested too deeply", "source": "body"}],
-        ) from None
-    if (repeated := repeated_key(body, decoded)) is not None:
-        raise ValidationException(
-            detail=f"Validation failed for {_where(request)}: {repeated}: the key appears more "
-                   "than once in one object",
-            extra=[{"key": repeated, "message": "Duplicate key", "source": "body"}],
-        )
+    decoded = strictly_decoded(body, data_field.annotation, lambda: _where(request))
     if isinstance(request, StrictRequest):
         request.decoded = decoded
     return None
@@ -123,16 +95,40 @@ def _require_json(request: Request[Any, Any, Any], content_type: str) -> None:
     )
 
 
-def accepted(body: bytes, annotation: Any) -> Any:
-    """``body`` decoded into ``annotation``, if ``decode_body_strictly`` takes it as it is; else
-    ``Empty`` (and the hook says what is wrong)."""
+def strictly_decoded(body: bytes, annotation: Any, where: Callable[[], str]) -> Any:
+    """``body`` decoded strictly into ``annotation``, else the 400 that names what is wrong in
+    the request ``where()`` describes (called only then)."""
     if not body.strip():
-        return Empty
+        raise ValidationException(
+            detail=f"Validation failed for {where()}: the request body is empty",
+            extra=[{"message": "Expected a JSON object, got an empty body", "source": "body"}],
+        )
     try:
         decoded = _decode(body, annotation)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return Empty
-    return Empty if repeated_key(body, decoded) is not None else decoded
+    except msgspec.ValidationError as exc:
+        error = describe(str(exc))
+        raise ValidationException(
+            detail=f"Validation failed for {where()}: {error.get('key', 'body')}: "
+                   f"{error['message']}",
+            extra=[error],
+        ) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ValidationException(
+            detail=f"Validation failed for {where()}: the body is not valid JSON ({exc})",
+            extra=[{"message": f"Malformed JSON: {exc}", "source": "body"}],
+        ) from None
+    except RecursionError:
+        raise ValidationException(
+            detail=f"Validation failed for {where()}: the body nests too deeply",
+            extra=[{"message": "JSON nested too deeply", "source": "body"}],
+        ) from None
+    if (repeated := repeated_key(body, decoded)) is not None:
+        raise ValidationException(
+            detail=f"Validation failed for {where()}: {repeated}: the key appears more "
+                   "than once in one object",
+            extra=[{"key": repeated, "message": "Duplicate key", "source": "body"}],
+        )
+    return decoded
 
 
 # A JSON key is a string followed by a colon; in a body with no backslash, no string can hold
