@@ -29,7 +29,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import open_inference, open_inference_schemas, routes
-from serving.fast_lane import fast_lane
+from serving.fast_lane import batch_lane, fast_lane
 from serving.loader import Limits, Loader
 from serving.metrics import Metrics
 from serving.predictions import Predictions
@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             *routes.routers(settings.max_batch_rows,
                             fast_lane(predictions, settings.max_body_bytes),
+                            batch_lane(predictions, settings.max_body_bytes,
+                                       settings.max_batch_rows),
                             benchmark_endpoints=settings.benchmark_endpoints),
             open_inference.router(),
             create_static_files_router(

@@ -163,19 +163,21 @@ async def ceiling(data: JSONBody[Penguin]) -> Prediction:
     return _CEILING_ANSWER
 
 
-def routers(max_batch_rows: int, fast_lane: Middleware, *, benchmark_endpoints: bool = False
-            ) -> list[Router]:
+def routers(max_batch_rows: int, fast_lane: Middleware, batch_lane: Middleware, *,
+            benchmark_endpoints: bool = False) -> list[Router]:
     """Every route, in ``Router``s by OpenAPI tag; the single predictions behind
-    ``fast_lane`` (``serving.fast_lane``), the batch routes taking at most ``max_batch_rows``
-    penguins, and ``/benchmark/ceiling`` there only if asked for."""
+    ``fast_lane``, the batch routes taking at most ``max_batch_rows`` penguins behind
+    ``batch_lane`` (``serving.fast_lane``), and ``/benchmark/ceiling`` there only if asked
+    for."""
     return [
         Router("/", tags=["service"], route_handlers=[health, ready, metrics]),
         Router("/models", tags=["models"], route_handlers=[list_models, get_model, list_versions]),
         Router("/", tags=["predict"], route_handlers=[predict_best, predict],
                middleware=[fast_lane]),
-        Router("/", tags=["predict"], route_handlers=[
-            *_batch_routes(max_batch_rows), *([ceiling] if benchmark_endpoints else []),
-        ]),
+        Router("/", tags=["predict"], route_handlers=_batch_routes(max_batch_rows),
+               middleware=[batch_lane]),
+        *([Router("/", tags=["predict"], route_handlers=[ceiling])] if benchmark_endpoints
+          else []),
     ]
 
 

@@ -7,6 +7,7 @@ same line. Unknown fields are refused rather than ignored, so a misspelt field i
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -50,8 +51,10 @@ class Penguin(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     year: Year
 
 
+@functools.cache
 def batch_request_type(max_rows: int) -> type[msgspec.Struct]:
-    """The batch request's type, with the size limit of this service's settings built in."""
+    """The batch request's type, with the size limit of this service's settings built in: one
+    type for each limit, so that the route and its lane decode into the same one."""
     penguins = Annotated[
         list[Penguin],
         Meta(min_length=1, max_length=max_rows,

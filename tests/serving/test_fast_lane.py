@@ -1,5 +1,6 @@
-"""The single predictions' fast lane (``serving.fast_lane``): it answers what the route would,
-byte for byte, and hands every request it is not sure of to the route, body and all."""
+"""The fast lanes of the single and the batch predictions (``serving.fast_lane``): each answers
+what its route would, byte for byte, and hands every request it is not sure of to the route,
+body and all."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 import requests
 
 from penguins import contract
-from serving.fast_lane import fast_lane
+from serving.fast_lane import batch_lane, fast_lane
 from serving.predictions import Predictions
 from tests.serving.conftest import PENGUIN
 
 BODY = json.dumps(PENGUIN).encode()
 MAX_BODY_BYTES = 4096
+MAX_ROWS = 5
+BATCH = json.dumps({"penguins": [PENGUIN, {**PENGUIN, "island": "Biscoe", "sex": "female",
+                                           "bill_depth_mm": 14.1}]}).encode()
 
 
 def _answer(response: requests.Response) -> tuple[int, str | None, str | None, bytes]:
@@ -52,6 +56,46 @@ def test_the_best_model_through_the_lane_is_the_route_s_answer(live_service):
     assert by_lane == by_route
 
 
+@pytest.fixture(scope="module")
+def every_clean_row(published) -> dict[str, list[dict[str, Any]]]:
+    """A batch of every clean row of the packaged data (as JSON writes them: floats)."""
+    return {"penguins": json.loads(
+        published.clean[list(contract.FEATURES)].to_json(orient="records"))}
+
+
+@pytest.mark.parametrize("model_name", contract.MODEL_NAMES)
+def test_the_batch_lane_answers_as_the_route_does(live_service, every_clean_row, model_name):
+    """The lane writes a batch's answer from the predictor's arrays (``serving.batch_answers``),
+    the route from one struct per penguin: the same bytes."""
+    url = f"{live_service.url}/predict-batch/{model_name}"
+    served = requests.get(f"{live_service.url}/models/{model_name}", timeout=10).json()
+    version = served["version"]["version"]
+
+    by_lane = _answer(requests.post(url, json=every_clean_row, timeout=30))
+    by_route = _answer(requests.post(url, params={"version": version}, json=every_clean_row,
+                                     timeout=30))
+
+    assert by_lane[0] == 200
+    assert by_lane == by_route
+    answer = json.loads(by_lane[3])
+    assert answer["model"]["version"] == version
+    assert len(answer["predictions"]) == len(every_clean_row["penguins"])
+
+
+def test_the_best_model_s_batch_through_the_lane_is_the_route_s_answer(live_service,
+                                                                        every_clean_row):
+    best = requests.get(f"{live_service.url}/models", timeout=10).json()["best_model"]
+    version = requests.get(f"{live_service.url}/models/{best}",
+                           timeout=10).json()["version"]["version"]
+    by_lane = _answer(requests.post(f"{live_service.url}/predict-batch", json=every_clean_row,
+                                    timeout=30))
+    by_route = _answer(requests.post(f"{live_service.url}/predict-batch/{best}",
+                                     params={"version": version}, json=every_clean_row,
+                                     timeout=30))
+    assert by_lane[0] == 200
+    assert by_lane == by_route
+
+
 class Route:
     """The ASGI app behind the lane: records what reaches it, reading the body as Litestar
     does (every message until the last), and answers 204."""
@@ -71,10 +115,11 @@ class Route:
 def _call(predictions: Predictions, *, path_params: dict[str, str] | None = None,
           chunks: list[bytes] | None = None, query: bytes = b"",
           content_type: bytes | None = b"application/json", disconnect: bool = False,
-          ) -> tuple[Route, list[dict[str, Any]]]:
-    """One request through the lane in front of a ``Route``; the route and what was sent."""
+          batch: bool = False) -> tuple[Route, list[dict[str, Any]]]:
+    """One request through the single predictions' lane (``batch``: the batches' lane, which
+    takes ``MAX_ROWS``) in front of a ``Route``; the route and what was sent."""
     route, sent = Route(), []
-    chunks = [BODY] if chunks is None else chunks
+    chunks = [BATCH if batch else BODY] if chunks is None else chunks
     incoming = [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
                 for i, chunk in enumerate(chunks)]
     if disconnect:
@@ -90,7 +135,9 @@ def _call(predictions: Predictions, *, path_params: dict[str, str] | None = None
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(fast_lane(predictions, MAX_BODY_BYTES)(route)(scope, receive, send))
+    lane = (batch_lane(predictions, MAX_BODY_BYTES, MAX_ROWS) if batch
+            else fast_lane(predictions, MAX_BODY_BYTES))
+    asyncio.run(lane(route)(scope, receive, send))
     return route, sent
 
 
@@ -119,6 +166,25 @@ def test_a_well_formed_request_never_reaches_the_route(predictions, published):
         assert answer["species"] in published.trained[name].classes
 
 
+def test_a_well_formed_batch_never_reaches_the_route(predictions, published):
+    for params in ({}, {"model_name": "random_forest"}):
+        route, sent = _call(predictions, path_params=params, batch=True,
+                            chunks=[BATCH[:100], BATCH[100:]])
+        assert route.calls == []
+        start, body = sent
+        assert start["status"] == 200
+        assert dict(start["headers"]) == {b"content-type": b"application/json",
+                                          b"content-length": str(len(body["body"])).encode()}
+        answer = json.loads(body["body"])
+        name = params.get("model_name") or predictions.registry.snapshot.best_model
+        assert answer["model"]["name"] == name
+        assert answer["model"]["version"] == published.versions[name]
+        assert len(answer["predictions"]) == 2
+        for prediction in answer["predictions"]:
+            assert prediction["species"] in published.trained[name].classes
+            assert list(prediction["probabilities"]) == list(published.trained[name].classes)
+
+
 REPEATED = BODY[:-1] + b', "sex": "female"}'
 
 
@@ -143,6 +209,31 @@ def test_anything_else_reaches_the_route_with_its_body_as_it_came(predictions, c
     chunks = request_parts.get("chunks", [BODY])
     assert [m.get("body") for m in messages] == chunks, case
     assert [m.get("more_body") for m in messages][-1] is False
+    assert scope["query_string"] == request_parts.get("query", b"")
+
+
+def _batch_of(*penguins: Any) -> bytes:
+    return json.dumps({"penguins": list(penguins)}).encode()
+
+
+@pytest.mark.parametrize(("case", "request_parts"), [
+    ("a version asked for", {"query": b"version=20000101T000000.000000Z"}),
+    ("not declared JSON", {"content_type": b"text/plain"}),
+    ("no penguins", {"chunks": [_batch_of()]}),
+    ("one penguin too many", {"chunks": [_batch_of(*[PENGUIN] * (MAX_ROWS + 1))]}),
+    ("a bare list", {"chunks": [json.dumps([PENGUIN]).encode()]}),
+    ("a bad second penguin", {"chunks": [_batch_of(PENGUIN, {**PENGUIN, "sex": "other"})]}),
+    ("a repeated key in a penguin", {"chunks": [b'{"penguins": [' + REPEATED + b"]}"]}),
+    ("penguins twice", {"chunks": [b'{"penguins": [' + BODY + b'], "penguins": []}']}),
+    ("too large", {"chunks": [BATCH, b" " * MAX_BODY_BYTES]}),
+    ("an unknown model", {"path_params": {"model_name": "no_such_model"}}),
+])
+def test_any_other_batch_reaches_the_route_with_its_body_as_it_came(predictions, case,
+                                                                    request_parts):
+    route, sent = _call(predictions, batch=True, **request_parts)
+    (scope, messages), = route.calls
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [204]
+    assert [m.get("body") for m in messages] == request_parts.get("chunks", [BATCH]), case
     assert scope["query_string"] == request_parts.get("query", b"")
 
 
