@@ -7,15 +7,19 @@ redoes the same arithmetic, in the same order, on plain arrays:
 - preprocessing: every ``StandardScaler`` column is one affine step (``(x - mean_) / scale_``)
   and every ``OneHotEncoder`` value one slot of the feature vector;
 - ``LogisticRegression`` (multinomial): ``softmax(x @ coef_.T + intercept_)``;
-- ``RandomForestClassifier``: every node's test decided at once on the float32 features the
-  trees compare, then all trees walked together from root to leaf; the mean of the leaves'
-  class fractions;
-- ``XGBClassifier`` (``multi:softprob``): the same walk over the booster's trees (read from its
-  JSON model), the leaves summed per class in float32, then XGBoost's own softmax;
+- ``RandomForestClassifier``: the leaf of each tree (``serving.trees``); the mean of the
+  leaves' class fractions;
+- ``XGBClassifier`` (``multi:softprob``): the leaves of the booster's trees (read from its JSON
+  model), summed per class in float32, then XGBoost's own softmax;
 - ``CalibratedClassifierCV(SVC(kernel="rbf"), ensemble=False)`` with sigmoid calibration: the
   one-vs-one RBF decision values, turned one-vs-rest as ``SVC.decision_function`` does, one
   sigmoid per class, normalised;
 - ``KNeighborsClassifier`` (uniform weights, Euclidean): distances to every training row.
+
+Each has two paths to the same numbers (``Estimator``): one for a matrix of rows, one for a
+single row, the service's common case, where a NumPy call costs about a microsecond whatever
+its size, so what counts is how few there are; its answers may differ from a batch's in the
+last bit (a sum in another order), and are checked like the batch's (``predictors.check``).
 
 It is built in two phases, in two processes, because unpickling a model runs whatever code the
 pickle names: only a worker process, with limited resources, ever unpickles.
@@ -35,14 +39,15 @@ pipeline's own ``predict`` and ``predict_proba`` on a set of check rows (``check
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from operator import itemgetter
-from typing import Any
+from operator import attrgetter, itemgetter, mul
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -50,13 +55,20 @@ import numpy as np
 from serving import compiled_spec, plain_data
 from serving.compiled_spec import NotCompilable
 from serving.contract import ISLANDS, PLAUSIBLE_RANGES, SEXES
+from serving.trees import Forest
 
 Row = Mapping[str, Any]
 """One penguin: a value for each of ``contract.FEATURES``."""
 Answer = tuple[np.ndarray, np.ndarray]
 """Class codes, shape ``(n,)``, and class probabilities, shape ``(n, classes)``."""
+OneAnswer = tuple[int, list[float]]
+"""One row's class code and class probabilities."""
 Spec = dict[str, Any]
 """A compiled predictor as plain data: what ``export_spec`` gives, ``from_spec`` takes."""
+
+TOLERANCE = 1e-6
+"""How far a compiled predictor's probabilities may stray from the pipeline's on a check row
+(its classes must be the same on every row), and its one-row path's from its batch path's."""
 
 
 # --- In the worker: the fitted pipeline's parameters, as plain data ---------------------------
@@ -138,7 +150,7 @@ def _export_logistic_regression(model: Any, n_classes: int) -> dict[str, Any]:
 
 def _export_trees(left: list[np.ndarray], right: list[np.ndarray], feature: list[np.ndarray],
                   threshold: list[np.ndarray]) -> dict[str, Any]:
-    """Trees whose leaves have negative children, as one set of arrays that ``_Trees`` walks:
+    """Trees whose leaves have negative children, as one set of arrays (``trees.Forest``):
     node indices counted across all trees, a leaf's children (and feature, unused) itself (0)."""
     starts = np.cumsum([0, *(len(nodes) for nodes in left)])
     offsets = np.repeat(starts[:-1], np.diff(starts))
@@ -269,18 +281,19 @@ class Features:
         self._numeric_slots = np.array([slot for _, slot, _, _ in self._numeric], dtype=np.intp)
         self._means = np.array([mean for _, _, mean, _ in self._numeric])
         self._scales = np.array([scale for _, _, _, scale in self._numeric])
+        # One C call takes a row's values of every needed column, in the order of ``_needed``.
+        self._items, self._attributes = (_values_of(get, self._needed)
+                                         for get in (itemgetter, attrgetter))
 
     def matrix(self, rows: Sequence[Row] | Sequence[Any]) -> np.ndarray:
         """``rows``: mappings by column, or structs with the columns as fields (the service's
         ``Penguin``, which then need no copying into dicts)."""
         if not rows:
             return np.zeros((0, self._width))
-        by_attribute = not isinstance(rows[0], Mapping)
-        if len(rows) == 1:  # The common case: a few microseconds in plain Python.
-            row = rows[0]
-            return np.array([self._vector(_as_mapping(row) if by_attribute else row)],
-                            dtype=np.float64)
-        columns = _struct_columns(rows) if by_attribute else _mapping_columns(rows, self._needed)
+        if isinstance(rows[0], Mapping):
+            columns = _mapping_columns(rows, self._needed)
+        else:
+            columns = _struct_columns(rows)
         features = np.zeros((len(rows), self._width))
         if self._numeric:
             values = np.array([columns[column] for column, _, _, _ in self._numeric],
@@ -298,19 +311,32 @@ class Features:
             features[known.nonzero()[0], found[known]] = 1.0
         return features
 
-    def _vector(self, row: Row) -> list[float]:
+    def vector(self, row: Row | Any) -> list[float]:
+        """One row of ``matrix``, as Python floats: a few microseconds, no NumPy."""
+        values = (self._items if isinstance(row, Mapping) else self._attributes)(row)
         # Python floats are IEEE doubles: the scaler's own two operations (subtract, then divide;
         # not a multiply) give its results to the last bit, here as in ``matrix``.
         vector = [0.0] * self._width
-        for column, slot, mean, scale in self._numeric:
-            vector[slot] = (row[column] - mean) / scale
-        for column, slots, ignore_unknown in self._categorical:
-            slot = slots.get(row[column])
+        for (_, slot, mean, scale), value in zip(self._numeric, values, strict=False):
+            vector[slot] = (value - mean) / scale
+        categories = values[len(self._numeric):]
+        for (column, slots, ignore_unknown), value in zip(self._categorical, categories,
+                                                          strict=True):
+            slot = slots.get(value)
             if slot is not None:
                 vector[slot] = 1.0
             elif not ignore_unknown:
-                raise ValueError(f"{column} {row[column]!r} is a category the model never saw")
+                raise ValueError(f"{column} {value!r} is a category the model never saw")
         return vector
+
+
+def _values_of(get: Callable[..., Callable[[Any], Any]], names: list[str]
+               ) -> Callable[[Any], tuple[Any, ...]]:
+    """``get(*names)``, which for one name gives a value rather than a tuple of one."""
+    if len(names) == 1:
+        one = get(names[0])
+        return lambda row: (one(row),)
+    return get(*names)
 
 
 def _struct_columns(rows: Sequence[Any]) -> dict[str, Sequence[Any]]:
@@ -324,21 +350,25 @@ def _mapping_columns(rows: Sequence[Row], names: Sequence[str]) -> dict[str, Seq
     return {name: list(map(itemgetter(name), rows)) for name in names}
 
 
-def _as_mapping(row: Any) -> Mapping[str, Any]:
-    """A msgspec struct's fields by name, as ``_vector`` reads a row."""
-    return {name: getattr(row, name) for name in row.__struct_fields__}
+class Estimator(NamedTuple):
+    """A model's arithmetic, from the features on."""
+
+    many: Callable[[np.ndarray], Answer]
+    """For a feature matrix (float64, a row per penguin)."""
+    one: Callable[[list[float]], OneAnswer]
+    """For one row of it, as Python floats."""
 
 
 class CompiledPredictor:
     """A ``Predictor`` that computes what the pipeline computes, without pandas or validation."""
 
-    def __init__(self, kind: str, n_classes: int, features: Features,
-                 estimate: Callable[[np.ndarray], Answer], work_per_row: int) -> None:
+    def __init__(self, kind: str, n_classes: int, features: Features, estimator: Estimator,
+                 work_per_row: int) -> None:
         """Use ``from_spec``: this trusts its arguments."""
         self.kind = kind
         self.n_classes = n_classes
         self.features = features
-        self._estimate = estimate
+        self._estimator = estimator
         self.fast = work_per_row <= FAST_WORK_PER_ROW
 
     @classmethod
@@ -359,7 +389,14 @@ class CompiledPredictor:
         return cls.from_spec(plain_data.decode(data, max_bytes=len(data)), n_classes=n_classes)
 
     def predict(self, rows: Sequence[Row] | Sequence[Any]) -> Answer:
-        return self._estimate(self.features.matrix(rows))
+        """``rows``: mappings by column, or structs with the columns as fields."""
+        if len(rows) == 1:  # One row's own path: a batch of one answers what one row does.
+            code, probabilities = self.predict_one(rows[0])
+            return np.array([code]), np.array([probabilities])
+        return self._estimator.many(self.features.matrix(rows))
+
+    def predict_one(self, row: Row | Any) -> OneAnswer:
+        return self._estimator.one(self.features.vector(row))
 
 
 FAST_WORK_PER_ROW = 2_000_000
@@ -380,13 +417,13 @@ def _work_per_row(estimator: Spec, n_classes: int) -> int:
     return stored + n_classes * (n_classes - 1) // 2 * 100
 
 
-def _logistic_regression(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+def _logistic_regression(spec: Spec, n_classes: int) -> Estimator:
     # coef_.T in the layout scikit-learn's fitted coef_ has (a transposed view, so this is
     # C-ordered): BLAS adds in an order that depends on the layout, and this is the one that
     # gives the pipeline's scores to the last bit.
     coef_t, intercept = np.ascontiguousarray(spec["coef"].T), spec["intercept"]
 
-    def estimate(x: np.ndarray) -> Answer:
+    def many(x: np.ndarray) -> Answer:
         scores = x @ coef_t + intercept
         codes = scores.argmax(axis=1)
         # sklearn.utils.extmath.softmax, step by step.
@@ -395,77 +432,43 @@ def _logistic_regression(spec: Spec, n_classes: int) -> Callable[[np.ndarray], A
         scores /= scores.sum(axis=1, keepdims=True)
         return codes, scores
 
-    return estimate
+    def one(vector: list[float]) -> OneAnswer:
+        scores = (np.dot(vector, coef_t) + intercept).tolist()
+        top = max(scores)
+        exp = [math.exp(score - top) for score in scores]
+        total = _sum_in_order(exp)
+        return scores.index(top), [e / total for e in exp]
+
+    return Estimator(many, one)
 
 
-class _Trees:
-    """Many binary trees walked at once over NumPy arrays.
-
-    Every tree's nodes live in one set of arrays. For a row, every node's test is decided at
-    once, giving each node its next node; then every tree steps from its root to its next node,
-    as many times as the deepest tree has levels (a leaf's next node is itself).
-    """
-
-    ROWS_AT_ONCE = 64
-    """Rows per block of a batch: a block's tests (rows x nodes) stay a few megabytes."""
-
-    def __init__(self, trees: Spec, *, equal_goes_right: bool) -> None:
-        """``trees``: a spec's ``estimator.trees``, as ``compiled_spec.validate`` passed it (so
-        ``depth`` steps take every root to its leaf)."""
-        self._feature = trees["feature"].astype(np.intp)
-        self._threshold = trees["threshold"]
-        self._left = trees["left"].astype(np.intp)
-        self._right = trees["right"].astype(np.intp)
-        self._roots = trees["roots"].astype(np.intp)
-        self._depth: int = trees["depth"]
-        self._equal_goes_right = equal_goes_right
-
-    def leaves(self, x: np.ndarray) -> np.ndarray:
-        """The leaf each tree puts each row of ``x`` on, shape ``(rows, trees)``."""
-        if len(x) <= self.ROWS_AT_ONCE:
-            return self._leaves(x)
-        return np.concatenate([self._leaves(x[start:start + self.ROWS_AT_ONCE])
-                               for start in range(0, len(x), self.ROWS_AT_ONCE)])
-
-    def _leaves(self, x: np.ndarray) -> np.ndarray:
-        # Both libraries test float32 features: scikit-learn against float64 thresholds, with
-        # x <= threshold going left; XGBoost against float32 ones, with x < threshold.
-        values = x.astype(np.float32).take(self._feature, axis=1)
-        right = values >= self._threshold if self._equal_goes_right else values > self._threshold
-        following = np.where(right, self._right, self._left)
-        if len(x) == 1:  # The common case, without the offsets below.
-            at = self._roots
-            for _ in range(self._depth):
-                at = following[0].take(at)
-            return at[None, :]
-        # Row r's nodes, flattened, start at r * nodes.
-        nodes = len(self._feature)
-        first = np.arange(0, len(x) * nodes, nodes, dtype=np.intp)[:, None]
-        following = (following + first).ravel()
-        at = self._roots + first
-        for _ in range(self._depth):
-            at = following.take(at)
-        return at - first
-
-
-def _random_forest(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
-    walk = _Trees(spec["trees"], equal_goes_right=False)
+def _random_forest(spec: Spec, n_classes: int) -> Estimator:
     value, n_trees = spec["value"], len(spec["trees"]["roots"])
+    forest = Forest(spec["trees"], np.ascontiguousarray(value.T), equal_goes_right=False)
 
-    def estimate(x: np.ndarray) -> Answer:
+    def many(x: np.ndarray) -> Answer:
         # RandomForestClassifier.predict_proba: the sum of the trees' fractions, then / trees.
-        probabilities = value[walk.leaves(x)].sum(axis=1)
+        probabilities = value[forest.leaves(x)].sum(axis=1)
         probabilities /= n_trees
         return probabilities.argmax(axis=1), probabilities
 
-    return estimate
+    def one(vector: list[float]) -> OneAnswer:
+        # Summed class by class (pairwise, where a batch adds tree after tree).
+        by_class = np.add.reduce(forest.values_of_one(vector), axis=1)
+        probabilities = (by_class / n_trees).tolist()
+        return _arg_max(probabilities), probabilities
+
+    return Estimator(many, one)
 
 
-def _calibrated_svm(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+def _calibrated_svm(spec: Spec, n_classes: int) -> Estimator:
     vectors, gamma, weights = spec["vectors"], spec["gamma"], spec["weights"]
     intercept, slopes, offsets = spec["intercept"], spec["slopes"], spec["offsets"]
     pairs = list(itertools.combinations(range(n_classes), 2))  # The rows of the weights.
     uniform = [1 / n_classes] * n_classes
+    # For one row, -gamma |x - v|^2 as gamma (2 v.x - |v|^2) - gamma |x|^2, libsvm's own way:
+    # one product with these rows and (x, 1) gives the first part for every support vector.
+    expanded = gamma * np.hstack([2 * vectors, -(vectors * vectors).sum(axis=1, keepdims=True)])
 
     def finish(ovo: list[float]) -> list[float]:
         # sklearn.utils.multiclass._ovr_decision_function(ovo < 0, -ovo, n_classes): a pair
@@ -485,15 +488,25 @@ def _calibrated_svm(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer
             return uniform
         return [1.0 if 1.0 < q <= 1.0 + 1e-5 else q for q in (p / total for p in calibrated)]
 
-    def estimate(x: np.ndarray) -> Answer:
+    def many(x: np.ndarray) -> Answer:
         squared = ((x[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
         return _per_row(finish, np.exp(-gamma * squared) @ weights.T + intercept, np.float64)
 
-    return _in_blocks(estimate, vectors.size)
+    def one(vector: list[float]) -> OneAnswer:
+        kernel = np.dot(expanded, [*vector, 1.0])
+        kernel -= gamma * _dot(vector, vector)
+        np.exp(kernel, out=kernel)
+        probabilities = finish((np.dot(weights, kernel) + intercept).tolist())
+        return _arg_max(probabilities), probabilities
+
+    return Estimator(_in_blocks(many, vectors.size), one)
 
 
-def _k_neighbours(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+def _k_neighbours(spec: Spec, n_classes: int) -> Estimator:
     train, labels, k = spec["train"], spec["labels"], spec["k"]
+    # For one row, the training rows ranked by |t|^2 - 2 t.x: the squared distance less |x|^2,
+    # which is the same for all of them. One product with these rows and (x, 1) gives it.
+    expanded = np.hstack([-2 * train, (train * train).sum(axis=1, keepdims=True)])
 
     def finish(neighbours: list[int]) -> list[float]:
         counts = [0] * n_classes
@@ -501,14 +514,19 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
             counts[label] += 1
         return [count / k for count in counts]
 
-    def estimate(x: np.ndarray) -> Answer:
+    def many(x: np.ndarray) -> Answer:
         squared = ((x[:, None, :] - train[None, :, :]) ** 2).sum(axis=2)
         nearest = np.argpartition(squared, k - 1, axis=1)[:, :k]
         # The arg-max of the counts: the most frequent class, the smallest code among ties, as
         # the mode KNeighborsClassifier.predict takes.
         return _per_row(finish, labels[nearest], np.float64)
 
-    return _in_blocks(estimate, train.size)
+    def one(vector: list[float]) -> OneAnswer:
+        ranked = np.dot(expanded, [*vector, 1.0])
+        probabilities = finish(labels.take(np.argpartition(ranked, k - 1)[:k]).tolist())
+        return _arg_max(probabilities), probabilities
+
+    return Estimator(_in_blocks(many, train.size), one)
 
 
 BLOCK_NUMBERS = 2_000_000
@@ -533,11 +551,16 @@ def _in_blocks(estimate: Callable[[np.ndarray], Answer], numbers_per_row: int
     return by_blocks
 
 
-def _xgboost(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
+def _xgboost(spec: Spec, n_classes: int) -> Estimator:
     # The trees are one per class and round, after one single-leaf tree per class holding the
-    # base score: summing the leaves in tree order adds them up as XGBoost does.
-    walk = _Trees(spec["trees"], equal_goes_right=True)
-    value, rounds = spec["value"], len(spec["trees"]["roots"]) // n_classes - 1
+    # base score: summing a class's leaves in tree order adds them up as XGBoost does. Walked
+    # class by class, so that a class's leaves are contiguous: NumPy's ``add.accumulate`` sums
+    # them one after the other (its ``sum`` would add them pairwise, as XGBoost does not).
+    roots = spec["trees"]["roots"]
+    rounds = len(roots) // n_classes - 1
+    by_class = roots.reshape(rounds + 1, n_classes).T.ravel()
+    value = spec["value"]
+    forest = Forest({**spec["trees"], "roots": by_class}, value, equal_goes_right=True)
     expf = _c_expf()
 
     def finish(margin: list[float]) -> list[float]:
@@ -545,16 +568,23 @@ def _xgboost(spec: Spec, n_classes: int) -> Callable[[np.ndarray], Answer]:
         # divided by the sum as a float. Python's doubles give the float32 results once rounded:
         # a float32 difference or quotient computed in double and rounded is the exact one.
         top = max(margin)
-        exp = [expf(m - top) for m in margin]
+        exp = [expf(m - top) if m != top else 1.0 for m in margin]  # expf(0) is 1: no call.
         total = float(np.float32(_sum_in_order(exp)))
         return [e / total for e in exp]
 
-    def estimate(x: np.ndarray) -> Answer:
-        leaves = value[walk.leaves(x)].reshape(len(x), rounds + 1, n_classes)
-        margin = leaves.sum(axis=1, dtype=np.float32)  # Tree by tree, in float32.
+    def many(x: np.ndarray) -> Answer:
+        leaves = value[forest.leaves(x)].reshape(len(x), n_classes, rounds + 1)
+        margin = np.add.accumulate(leaves, axis=2)[:, :, -1]  # Tree by tree, in float32.
         return _per_row(finish, margin, np.float32)
 
-    return estimate
+    def one(vector: list[float]) -> OneAnswer:
+        leaves = forest.values_of_one(vector).reshape(n_classes, rounds + 1)
+        margin = np.add.accumulate(leaves, axis=1)[:, -1].tolist()
+        # Each probability a float32, as XGBoost gives it (and the batch's float32 array).
+        probabilities = array.array("f", finish(margin)).tolist()
+        return _arg_max(probabilities), probabilities
+
+    return Estimator(many, one)
 
 
 def _c_expf() -> Callable[[float], float]:
@@ -579,6 +609,15 @@ def _per_row(finish: Callable[[list[Any]], list[float]], values: np.ndarray,
     return probabilities.argmax(axis=1), probabilities
 
 
+def _arg_max(values: list[float]) -> int:
+    """The first of the largest, as NumPy's ``argmax`` takes it."""
+    return values.index(max(values))
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return _sum_in_order(list(map(mul, a, b)))
+
+
 def _sum_in_order(values: list[float]) -> float:
     """Left to right, as a C loop adds (``sum`` may compensate, in newer Pythons)."""
     total = 0.0
@@ -587,14 +626,14 @@ def _sum_in_order(values: list[float]) -> float:
     return total
 
 
-_BUILDERS: dict[str, Callable[[Spec, int], Callable[[np.ndarray], Answer]]] = {
+_BUILDERS: dict[str, Callable[[Spec, int], Estimator]] = {
     "LogisticRegression": _logistic_regression,
     "RandomForestClassifier": _random_forest,
     "CalibratedClassifierCV": _calibrated_svm,
     "KNeighborsClassifier": _k_neighbours,
     "XGBClassifier": _xgboost,
 }
-"""A spec's kind -> the builder of its numeric path, from its checked ``estimator`` part."""
+"""A spec's kind -> the builder of its numeric paths, from its checked ``estimator`` part."""
 
 
 def check_rows(features: Features, per_group: int = 40, seed: int = 0) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving import loader_worker, plain_data
-from serving.compiled import CompiledPredictor, NotCompilable
+from serving.compiled import TOLERANCE, CompiledPredictor, NotCompilable
 from serving.store.reader import VersionFiles
 
 
@@ -175,5 +175,11 @@ def _check_answers(predictor: CompiledPredictor, expected: dict, n_classes: int)
     got_codes, got_probabilities = predictor.predict(rows)
     if not (np.array_equal(got_codes, codes) and np.array_equal(got_probabilities, probabilities)):
         raise ValueError("the rebuilt predictor does not give the loader's answers")
+    # Its one-row path is its own arithmetic: the same classes, the probabilities to TOLERANCE.
+    for row, code, expected_row in zip(rows, codes.tolist(), probabilities, strict=True):
+        got_code, got_row = predictor.predict_one(row)
+        if got_code != code or not np.abs(np.subtract(got_row, expected_row)).max() <= TOLERANCE:
+            raise ValueError("the rebuilt predictor, one row at a time, does not give the "
+                             "loader's answers")
     if not np.all(np.isfinite(got_probabilities)):
         raise ValueError("it answers probabilities that are not finite numbers")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio.to_thread
 import numpy as np
@@ -66,8 +67,9 @@ class Predictions:
 
     def answer(self, model: ServedVersion, penguin: Penguin) -> Prediction:
         """The prediction of ``model`` for one penguin, here and now."""
-        (answer,) = self.classify(model, [penguin])
-        return Prediction(species=answer.species, probabilities=answer.probabilities,
+        code, probabilities = self._counted(model, 1, model.predictor.predict_one, penguin)
+        return Prediction(species=model.classes[code],
+                          probabilities=_by_class(model.classes)(probabilities),
                           model=model.answered_by)
 
     def batch(self, model: ServedVersion, penguins: list[Penguin]) -> BatchPrediction:
@@ -93,10 +95,15 @@ class Predictions:
     def predicted(self, model: ServedVersion, penguins: list[Penguin]
                   ) -> tuple[np.ndarray, np.ndarray]:
         """The predictor's class codes and probabilities for ``penguins``, counted."""
+        return self._counted(model, len(penguins), model.predictor.predict, penguins)
+
+    def _counted(self, model: ServedVersion, rows: int, predict: Callable[[Any], Any],
+                 penguins: Any) -> Any:
+        """``predict(penguins)``, ``rows`` penguins, timed and counted in the metrics."""
         started = time.perf_counter()
-        codes, probabilities = model.predictor.predict(penguins)
-        self.metrics.observe_prediction(model.name, len(penguins), time.perf_counter() - started)
-        return codes, probabilities
+        answer = predict(penguins)
+        self.metrics.observe_prediction(model.name, rows, time.perf_counter() - started)
+        return answer
 
 
 @functools.cache

@@ -22,12 +22,16 @@ import numpy as np
 import pandas as pd
 
 from serving import plain_data
-from serving.compiled import CompiledPredictor, NotCompilable, Row, Spec, check_rows, export_spec
+from serving.compiled import (
+    TOLERANCE,
+    CompiledPredictor,
+    NotCompilable,
+    Row,
+    Spec,
+    check_rows,
+    export_spec,
+)
 from serving.contract import FEATURES
-
-TOLERANCE = 1e-6
-"""How far a compiled predictor's probabilities may stray from the pipeline's on a check row;
-its classes must be the same on every row."""
 
 
 class Predictor(Protocol):
@@ -95,8 +99,8 @@ def compile_checked(pipeline: Any, n_classes: int) -> tuple[Spec, dict[str, Any]
 
 def check(candidate: Predictor, reference: Predictor, rows: Sequence[Row]) -> None:
     """Raise NotCompilable unless ``candidate`` answers ``reference``'s classes on every row, and
-    its probabilities within ``TOLERANCE``: all rows at once, and every third row alone (the
-    single-row code paths differ only in building features and walking trees)."""
+    its probabilities within ``TOLERANCE``: all rows at once, and every third row alone (a
+    compiled predictor's one-row path is its own arithmetic)."""
     codes, probabilities = reference.predict(rows)
     alone = np.arange(0, len(rows), 3)
     one_by_one = [candidate.predict([rows[i]]) for i in alone]

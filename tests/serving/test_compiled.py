@@ -12,8 +12,7 @@ import pytest
 from sklearn.tree import DecisionTreeClassifier
 
 from penguins import contract, models, training
-from serving.compiled import CompiledPredictor, check_rows
-from serving.predictors import TOLERANCE
+from serving.compiled import TOLERANCE, CompiledPredictor, check_rows
 from serving.schemas import Penguin
 from serving.settings import Settings
 from tests.serving.conftest import PENGUIN, export_raw, promote, registry_of, wait_until

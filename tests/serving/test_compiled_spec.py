@@ -22,8 +22,14 @@ from sklearn.tree import DecisionTreeClassifier
 
 from penguins import cleaning, contract, models, training
 from serving import compiled_spec, plain_data
-from serving.compiled import CompiledPredictor, NotCompilable, check_rows, export_spec
-from serving.predictors import TOLERANCE, NotAModelError, compile_checked
+from serving.compiled import (
+    TOLERANCE,
+    CompiledPredictor,
+    NotCompilable,
+    check_rows,
+    export_spec,
+)
+from serving.predictors import NotAModelError, compile_checked
 from serving.schemas import Penguin
 
 REPO = Path(__file__).resolve().parents[2]
