@@ -16,10 +16,12 @@ redoes the same arithmetic, in the same order, on plain arrays:
   sigmoid per class, normalised;
 - ``KNeighborsClassifier`` (uniform weights, Euclidean): distances to every training row.
 
-Each has two paths to the same numbers (``Estimator``): one for a matrix of rows, one for a
-single row, the service's common case, where a NumPy call costs about a microsecond whatever
-its size, so what counts is how few there are; its answers may differ from a batch's in the
-last bit (a sum in another order), and are checked like the batch's (``predictors.check``).
+Each has two paths to the same numbers (``Estimator``): one for a matrix of rows, and one for a
+single row, the service's common case, where a NumPy call costs a microsecond or more whatever
+its size, so what counts is how few there are: Python floats around a handful of calls (a
+forest's leaves from ``serving.trees``' tables, the SVM's kernel and the k-NN's ranking from one
+matrix-vector product each). One row's answer may differ from the same row's in a batch in the
+last bit (a sum in another order).
 
 It is built in two phases, in two processes, because unpickling a model runs whatever code the
 pickle names: only a worker process, with limited resources, ever unpickles.
@@ -34,7 +36,8 @@ pickle names: only a worker process, with limited resources, ever unpickles.
 
 None of this is trusted on its own: a compiled predictor is served only after it has matched the
 pipeline's own ``predict`` and ``predict_proba`` on a set of check rows (``check_rows``,
-``predictors.compile_checked``).
+``predictors.compile_checked``), and the one the serving process rebuilds the worker's answers on
+them, exactly for all of them at once, within ``TOLERANCE`` one at a time (``serving.loader``).
 """
 
 from __future__ import annotations
@@ -569,7 +572,7 @@ def _xgboost(spec: Spec, n_classes: int) -> Estimator:
         # a float32 difference or quotient computed in double and rounded is the exact one.
         top = max(margin)
         exp = [expf(m - top) if m != top else 1.0 for m in margin]  # expf(0) is 1: no call.
-        total = float(np.float32(_sum_in_order(exp)))
+        total = array.array("f", (_sum_in_order(exp),))[0]  # Rounded to float32.
         return [e / total for e in exp]
 
     def many(x: np.ndarray) -> Answer:

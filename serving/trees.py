@@ -18,8 +18,7 @@ tree's root. Both libraries test float32 features: scikit-learn against float64 
   right for a prefix of that order, found by bisection; ``_Tables`` holds, for every prefix,
   each tree's leaves not ruled out by it, as a bit mask. One row is then a bisection per
   feature, one table row per feature ANDed together, and each tree's lowest set bit (for trees
-  of 8 leaves or fewer, each tree's value for each of the 256 masks is at hand: the mask is the
-  look-up).
+  of 8 leaves or fewer, whose masks are bytes, ``bytes.translate`` looks it up).
 
 The tables are built only for trees of at most 64 leaves whose tables fit ``MAX_TABLE_BYTES``
 (they take a byte per tree or more for every node); otherwise one row is walked like a batch.
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-MAX_TABLE_BYTES = 32 * 1024 * 1024
+MAX_TABLE_BYTES = 16 * 1024 * 1024
 """The largest QuickScorer table built for one forest."""
 _MASK_TYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 
@@ -62,10 +61,10 @@ class Forest:
 
     @property
     def one_row_path(self) -> str:
-        """How ``values_of_one`` finds the leaves: "walk", "tables" or "tables by mask"."""
+        """How ``values_of_one`` finds the leaves: "walk", "tables" or "tables of bytes"."""
         if self._tables is None:
             return "walk"
-        return "tables by mask" if self._tables.by_mask else "tables"
+        return "tables of bytes" if self._tables.bytes else "tables"
 
     def leaves(self, x: np.ndarray) -> np.ndarray:
         """The leaf each tree puts each row of ``x`` (float64) on, shape ``(rows, trees)``."""
@@ -99,21 +98,27 @@ class _Tables:
     """QuickScorer's tables of a forest (see the module docstring)."""
 
     def __init__(self, plan: list[tuple[int, int, list[float]]], masks: np.ndarray,
-                 by_leaf: np.ndarray, first_leaf: np.ndarray, by_mask: np.ndarray | None,
+                 by_leaf: np.ndarray, first_leaf: np.ndarray, by_slot: np.ndarray | None,
                  equal_goes_right: bool) -> None:
         """Use ``build``."""
         self._plan = plan
         """Per feature tested: its index, its first row in ``masks``, its sorted thresholds."""
-        self._masks = masks
-        """Rows of a bit mask per tree (bit i: the tree's leaf i from the left is not ruled out)."""
+        # ``masks`` holds rows of a bit mask per tree (bit i: the tree's leaf i from the left is
+        # not ruled out). Each row is kept as one Python int: ANDing a few of those costs less
+        # than NumPy's take and reduce, whose set-up is more than the work on a few hundred bytes.
+        self._row_type = masks.dtype.newbyteorder("<")
+        self._rows = [int.from_bytes(row.astype(self._row_type).tobytes(), "little")
+                      for row in masks]
+        self._row_bytes = masks.shape[1] * masks.itemsize
         self._by_leaf = by_leaf
         """The values of every tree's leaves, left to right, tree after tree (last axis)."""
         self._first_leaf = first_leaf
         """Per tree, where its leaves start in ``by_leaf``."""
-        self._by_mask = by_mask
-        """For masks of one byte: tree t's value for mask m at ``256 * t + m`` (last axis)."""
-        self._mask_start = np.arange(len(first_leaf), dtype=np.intp) * 256
-        self.by_mask = by_mask is not None
+        self._by_slot = by_slot
+        """For masks of one byte: tree t's leaf i's value at ``8 t + i`` (last axis)."""
+        self._slot_start = np.arange(len(first_leaf), dtype=np.intp) * 8
+        self.bytes = by_slot is not None
+        """One byte per tree's mask."""
         # A threshold the value is above (scikit-learn), or not below (XGBoost), sends it right.
         self._sent_right = bisect.bisect_right if equal_goes_right else bisect.bisect_left
 
@@ -155,27 +160,33 @@ class _Tables:
             row += len(here) + 1
         by_leaf = values.take(leaf_nodes, axis=-1)
         first_leaf = np.array(starts, dtype=np.intp)
-        by_mask = None
-        if mask_type is np.uint8 and by_leaf.itemsize * by_leaf.size / len(leaf_nodes) * len(
-                roots) * 256 <= MAX_TABLE_BYTES:
-            # A mask's lowest set bit names its leaf (mask 0 never comes: the leaf is any one).
+        by_slot = None
+        if mask_type is np.uint8:
+            # Tree t's leaf i at 8 t + i (a tree of fewer leaves repeats its last one there).
             leaves = np.diff([*starts, len(leaf_nodes)])
-            lowest = np.array([max(0, (m & -m).bit_length() - 1) for m in range(256)])
-            at = first_leaf[:, None] + np.minimum(lowest[None, :], leaves[:, None] - 1)
-            by_mask = by_leaf.take(at.ravel(), axis=-1)
-        return cls(plan, np.concatenate(blocks), by_leaf, first_leaf, by_mask, equal_goes_right)
+            at = first_leaf[:, None] + np.minimum(np.arange(8), leaves[:, None] - 1)
+            by_slot = by_leaf.take(at.ravel(), axis=-1)
+        return cls(plan, np.concatenate(blocks), by_leaf, first_leaf, by_slot, equal_goes_right)
 
     def values(self, features: list[float]) -> np.ndarray:
         """``features``: the row's, float32 values as Python floats."""
         sent_right = self._sent_right
-        rows = [start + sent_right(thresholds, features[f])
-                for f, start, thresholds in self._plan]
-        masks = np.bitwise_and.reduce(self._masks.take(rows, axis=0), axis=0)
-        if self._by_mask is not None:
-            return self._by_mask.take(self._mask_start + masks, axis=-1)
+        table = self._rows
+        combined = -1
+        for f, start, thresholds in self._plan:
+            combined &= table[start + sent_right(thresholds, features[f])]
+        masks = combined.to_bytes(self._row_bytes, "little")
+        if self._by_slot is not None:  # Each byte's lowest set bit, by a look-up of bytes.
+            leaves = np.frombuffer(masks.translate(_LOWEST_SET_BIT_OF_BYTE), np.uint8)
+            return self._by_slot.take(self._slot_start + leaves, axis=-1)
+        words = np.frombuffer(masks, self._row_type)
         # The lowest set bit, alone, is 2^i; less one, it has i bits set.
-        leaves = np.bitwise_count((masks & -masks) - 1)
+        leaves = np.bitwise_count((words & -words) - 1)
         return self._by_leaf.take(self._first_leaf + leaves, axis=-1)
+
+
+_LOWEST_SET_BIT_OF_BYTE = bytes(max(0, (b & -b).bit_length() - 1) for b in range(256))
+"""For ``bytes.translate``: a byte's lowest set bit (0 for 0, which no mask is)."""
 
 
 def _in_order(left: list[int], right: list[int], roots: list[int]

@@ -53,15 +53,15 @@ def _fitted(clean: pd.DataFrame, estimator, noisy_copies: int = 0):
 FORESTS = {
     # name: (estimator, noisy copies, how one row is found)
     "stumps": (RandomForestClassifier(n_estimators=20, max_depth=1, random_state=0), 0,
-               "tables by mask"),
+               "tables of bytes"),
     "forest of depth 3": (RandomForestClassifier(n_estimators=50, max_depth=3, random_state=0),
-                          0, "tables by mask"),
+                          0, "tables of bytes"),
     "the pipeline's forest": (RandomForestClassifier(n_estimators=200, random_state=0), 0,
                               "tables"),
     "forest of hundreds of leaves": (RandomForestClassifier(n_estimators=5, random_state=0), 8,
                                      "walk"),
     "booster of depth 3": (XGBClassifier(n_estimators=60, max_depth=3, random_state=0), 0,
-                           "tables by mask"),
+                           "tables of bytes"),
     "booster of depth 6": (XGBClassifier(n_estimators=30, max_depth=6, random_state=0), 2,
                            "tables"),
 }
