@@ -20,8 +20,10 @@ Each has two paths to the same numbers (``Estimator``): one for a matrix of rows
 single row, the service's common case, where a NumPy call costs a microsecond or more whatever
 its size, so what counts is how few there are: Python floats around a handful of calls (a
 forest's leaves from ``serving.trees``' tables, the SVM's kernel and the k-NN's ranking from one
-matrix-vector product each). One row's answer may differ from the same row's in a batch in the
-last bit (a sum in another order).
+matrix-vector product each). A forest's, a booster's and a k-NN's answer for one row is its
+batch answer to the bit (their classes can tie, so their sums keep the batch's order, and a
+k-NN's near tie is left to the batch's arithmetic); logistic regression's and the SVM's may
+differ from it in the last bit, a sum in another order.
 
 It is built in two phases, in two processes, because unpickling a model runs whatever code the
 pickle names: only a worker process, with limited resources, ever unpickles.
@@ -447,7 +449,7 @@ def _logistic_regression(spec: Spec, n_classes: int) -> Estimator:
 
 def _random_forest(spec: Spec, n_classes: int) -> Estimator:
     value, n_trees = spec["value"], len(spec["trees"]["roots"])
-    forest = Forest(spec["trees"], np.ascontiguousarray(value.T), equal_goes_right=False)
+    forest = Forest(spec["trees"], value.T, equal_goes_right=False)
 
     def many(x: np.ndarray) -> Answer:
         # RandomForestClassifier.predict_proba: the sum of the trees' fractions, then / trees.
@@ -456,8 +458,9 @@ def _random_forest(spec: Spec, n_classes: int) -> Estimator:
         return probabilities.argmax(axis=1), probabilities
 
     def one(vector: list[float]) -> OneAnswer:
-        # Summed class by class (pairwise, where a batch adds tree after tree).
-        by_class = np.add.reduce(forest.values_of_one(vector), axis=1)
+        # Tree after tree, as scikit-learn and ``many`` add them (``sum`` would add pairwise,
+        # and a class's fractions summed in another order can tie with another's, or not).
+        by_class = np.add.accumulate(forest.values_of_one(vector), axis=1)[:, -1]
         probabilities = (by_class / n_trees).tolist()
         return _arg_max(probabilities), probabilities
 
@@ -509,7 +512,9 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Estimator:
     train, labels, k = spec["train"], spec["labels"], spec["k"]
     # For one row, the training rows ranked by |t|^2 - 2 t.x: the squared distance less |x|^2,
     # which is the same for all of them. One product with these rows and (x, 1) gives it.
-    expanded = np.hstack([-2 * train, (train * train).sum(axis=1, keepdims=True)])
+    squared_norms = (train * train).sum(axis=1, keepdims=True)
+    expanded = np.hstack([-2 * train, squared_norms])
+    largest_norm = math.sqrt(float(squared_norms.max()))
 
     def finish(neighbours: list[int]) -> list[float]:
         counts = [0] * n_classes
@@ -525,11 +530,27 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Estimator:
         return _per_row(finish, labels[nearest], np.float64)
 
     def one(vector: list[float]) -> OneAnswer:
-        ranked = np.dot(expanded, [*vector, 1.0])
-        probabilities = finish(labels.take(np.argpartition(ranked, k - 1)[:k]).tolist())
-        return _arg_max(probabilities), probabilities
+        if k < len(train):
+            ranked = np.dot(expanded, [*vector, 1.0])
+            nearest = np.argpartition(ranked, k)  # The k nearest, then the next one.
+            kth, following = (ranked.take(nearest[:k]).max(), ranked[nearest[k]])
+            # Unless the k-th and the next are nearly as far (both rankings, this one and the
+            # batch's distances, are within ~20 units in the last place of (|x| + |t|)^2 of the
+            # exact one), the batch picks the same k: it is the one row's answer to the bit.
+            scale = (math.sqrt(_dot(vector, vector)) + largest_norm) ** 2
+            if following - kth > _NEAR_TIE * scale:
+                probabilities = finish(labels.take(nearest[:k]).tolist())
+                return _arg_max(probabilities), probabilities
+        codes, probabilities = many(np.array([vector]))
+        return int(codes[0]), probabilities[0].tolist()
 
     return Estimator(_in_blocks(many, train.size), one)
+
+
+_NEAR_TIE = 1e-9
+"""Relative to the squared distances' scale, a gap between a k-NN's k-th and next training row
+that the one-row ranking leaves to the batch's arithmetic: some 100,000 times what rounding
+moves."""
 
 
 BLOCK_NUMBERS = 2_000_000

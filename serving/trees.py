@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 MAX_TABLE_BYTES = 16 * 1024 * 1024
-"""The largest QuickScorer table built for one forest."""
+"""The largest QuickScorer table of masks, and of leaf values by byte, built for one forest (its
+building takes about three times as much for a moment)."""
 _MASK_TYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 
@@ -131,7 +132,10 @@ class _Tables:
         leaf, inner = (left == node) & (right == node), (left != node) & (right != node)
         if not (leaf | inner).all():
             return None  # A node that is its own child on one side only: walked as it is.
-        if (int(inner.sum()) + len(np.unique(feature))) * len(roots) > MAX_TABLE_BYTES:
+        tests_anywhere = int(inner.sum())
+        if tests_anywhere > 63 * len(roots):
+            return None  # A tree has more than 64 leaves (one of L leaves has L - 1 tests).
+        if (tests_anywhere + len(np.unique(feature))) * len(roots) > MAX_TABLE_BYTES:
             return None  # Too large even at a byte per tree; not worth ordering the leaves.
         leaf_nodes, tests, starts = _in_order(left.tolist(), right.tolist(), roots.tolist())
         if not tests:
@@ -140,9 +144,12 @@ class _Tables:
         mask_type = next((t for t in _MASK_TYPES if np.iinfo(t).bits >= most_leaves), None)
         if mask_type is None:
             return None
-        rows = len(tests) + len(np.unique(feature[[test[0] for test in tests]]))
-        if rows * len(roots) * np.dtype(mask_type).itemsize > MAX_TABLE_BYTES:
+        features_tested = len(np.unique(feature[[test[0] for test in tests]]))
+        row_bytes = len(roots) * np.dtype(mask_type).itemsize
+        if (len(tests) + features_tested) * row_bytes > MAX_TABLE_BYTES:
             return None
+        if features_tested * row_bytes > 8 * len(left):
+            return None  # One row would AND more bytes than the walk reads a node's index in.
         tested, tree, first, last = np.array(tests, dtype=np.intp).T
         ordered = np.lexsort((threshold[tested], feature[tested]))
         everything = (1 << np.iinfo(mask_type).bits) - 1
@@ -161,7 +168,8 @@ class _Tables:
         by_leaf = values.take(leaf_nodes, axis=-1)
         first_leaf = np.array(starts, dtype=np.intp)
         by_slot = None
-        if mask_type is np.uint8:
+        if mask_type is np.uint8 and by_leaf.nbytes // len(leaf_nodes) * 8 * len(
+                roots) <= MAX_TABLE_BYTES:
             # Tree t's leaf i at 8 t + i (a tree of fewer leaves repeats its last one there).
             leaves = np.diff([*starts, len(leaf_nodes)])
             at = first_leaf[:, None] + np.minimum(np.arange(8), leaves[:, None] - 1)

@@ -131,3 +131,41 @@ def test_a_predictors_one_row_answers_are_its_batchs(clean, name):
         got_code, got = predictor.predict_one(row)
         assert got_code == code
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def _stumps(features: int) -> dict:
+    """One stump per feature, each testing its own: a forest as wide as it is small."""
+    roots = np.arange(0, 3 * features, 3)
+    node = np.arange(3 * features)
+    tests = node % 3 == 0
+    return {"feature": np.where(tests, node // 3, 0), "threshold": np.where(tests, 0.5, 0.0),
+            "left": np.where(tests, node + 1, node), "right": np.where(tests, node + 2, node),
+            "roots": roots, "depth": 1}
+
+
+def test_a_forest_testing_many_features_each_once_is_walked():
+    # Its tables would AND as many rows of masks as it has trees, more than walking it reads.
+    wide = _stumps(300)
+    values = np.arange(900, dtype=np.float64)
+    forest = Forest(wide, values, equal_goes_right=False)
+    assert forest.one_row_path == "walk"
+    narrow = Forest(_stumps(3), values[:9], equal_goes_right=False)
+    assert narrow.one_row_path == "tables of bytes"
+    rng = np.random.default_rng(5)
+    for row in rng.normal(0.5, 1, (50, 300)).tolist():
+        leaves = forest.leaves(np.array([row]))[0]
+        assert forest.values_of_one(row).tolist() == values.take(leaves).tolist()
+        assert narrow.values_of_one(row[:3]).tolist() == values[:9].take(
+            narrow.leaves(np.array([row[:3]]))[0]).tolist()
+
+
+def test_leaf_values_by_byte_are_left_out_when_they_would_be_too_large(monkeypatch):
+    # Eight slots a tree, each a value per class: with many classes, more than the masks take.
+    stumps = _stumps(3)
+    values = np.random.default_rng(2).random((100, 9))  # 100 classes, by node
+    monkeypatch.setattr(trees, "MAX_TABLE_BYTES", 1000)
+    forest = Forest(stumps, values, equal_goes_right=True)
+    assert forest.one_row_path == "tables"
+    for row in np.random.default_rng(6).normal(0.5, 1, (50, 3)).tolist():
+        leaves = forest.leaves(np.array([row]))[0]
+        np.testing.assert_array_equal(forest.values_of_one(row), values.take(leaves, axis=-1))
