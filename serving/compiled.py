@@ -515,6 +515,7 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Estimator:
     squared_norms = (train * train).sum(axis=1, keepdims=True)
     expanded = np.hstack([-2 * train, squared_norms])
     largest_norm = math.sqrt(float(squared_norms.max()))
+    labels_list = labels.tolist()
 
     def finish(neighbours: list[int]) -> list[float]:
         counts = [0] * n_classes
@@ -532,14 +533,14 @@ def _k_neighbours(spec: Spec, n_classes: int) -> Estimator:
     def one(vector: list[float]) -> OneAnswer:
         if k < len(train):
             ranked = np.dot(expanded, [*vector, 1.0])
-            nearest = np.argpartition(ranked, k)  # The k nearest, then the next one.
-            kth, following = (ranked.take(nearest[:k]).max(), ranked[nearest[k]])
+            kth, following = np.partition(ranked, [k - 1, k])[k - 1:k + 1].tolist()
             # Unless the k-th and the next are nearly as far (both rankings, this one and the
             # batch's distances, are within ~20 units in the last place of (|x| + |t|)^2 of the
             # exact one), the batch picks the same k: it is the one row's answer to the bit.
             scale = (math.sqrt(_dot(vector, vector)) + largest_norm) ** 2
             if following - kth > _NEAR_TIE * scale:
-                probabilities = finish(labels.take(nearest[:k]).tolist())
+                nearest = np.flatnonzero(ranked <= kth).tolist()  # The next one is farther.
+                probabilities = finish([labels_list[i] for i in nearest])
                 return _arg_max(probabilities), probabilities
         codes, probabilities = many(np.array([vector]))
         return int(codes[0]), probabilities[0].tolist()
