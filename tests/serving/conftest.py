@@ -80,11 +80,16 @@ def publish(directory: Path, trained: training.TrainedModel, *, run_id: str = RU
     return result
 
 
-@pytest.fixture(scope="session")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+def packaged_clean() -> pd.DataFrame:
+    """The packaged data set, cleaned as the pipeline cleans it."""
     raw = pd.read_csv(contract.default_source())
     raw.insert(0, "source_row", range(1, len(raw) + 1))
-    clean, _ = cleaning.clean(raw)
+    return cleaning.clean(raw)[0]
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    clean = packaged_clean()
     trained = {name: training.train(clean, name, 0.2, 42) for name in contract.MODEL_NAMES}
     store = tmp_path_factory.mktemp("published") / "models"
     versions = {name: publish(store, model)["version"] for name, model in trained.items()}

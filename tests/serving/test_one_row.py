@@ -15,18 +15,17 @@ import pytest
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
-from penguins import cleaning, contract, models, training
+from penguins import contract, models, training
 from serving.compiled import CompiledPredictor, check_rows, export_spec
 from serving.schemas import Penguin
+from tests.serving.conftest import packaged_clean
 
 N_CLASSES = len(contract.SPECIES)
 
 
 @pytest.fixture(scope="module")
 def clean() -> pd.DataFrame:
-    raw = pd.read_csv(contract.default_source())
-    raw.insert(0, "source_row", range(1, len(raw) + 1))
-    return cleaning.clean(raw)[0]
+    return packaged_clean()
 
 
 def _fitted(clean: pd.DataFrame, model_name: str, estimator):

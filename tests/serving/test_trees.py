@@ -14,19 +14,18 @@ import pytest
 from sklearn.ensemble import RandomForestClassifier
 from xgboost import XGBClassifier
 
-from penguins import cleaning, contract, models, training
+from penguins import contract, models, training
 from serving import trees
 from serving.compiled import CompiledPredictor, check_rows, export_spec
 from serving.trees import Forest
+from tests.serving.conftest import packaged_clean
 
 N_CLASSES = len(contract.SPECIES)
 
 
 @pytest.fixture(scope="module")
 def clean() -> pd.DataFrame:
-    raw = pd.read_csv(contract.default_source())
-    raw.insert(0, "source_row", range(1, len(raw) + 1))
-    return cleaning.clean(raw)[0]
+    return packaged_clean()
 
 
 def _noisy(clean: pd.DataFrame, copies: int) -> tuple[pd.DataFrame, np.ndarray]:
