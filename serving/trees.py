@@ -65,7 +65,7 @@ class Forest:
         """How ``values_of_one`` finds the leaves: "walk", "tables" or "tables of bytes"."""
         if self._tables is None:
             return "walk"
-        return "tables of bytes" if self._tables.bytes else "tables"
+        return "tables of bytes" if self._tables.of_bytes else "tables"
 
     def leaves(self, x: np.ndarray) -> np.ndarray:
         """The leaf each tree puts each row of ``x`` (float64) on, shape ``(rows, trees)``."""
@@ -99,7 +99,7 @@ class _Tables:
     """QuickScorer's tables of a forest (see the module docstring)."""
 
     def __init__(self, plan: list[tuple[int, int, list[float]]], masks: np.ndarray,
-                 by_leaf: np.ndarray, first_leaf: np.ndarray, by_slot: np.ndarray | None,
+                 leaf_values: np.ndarray, tree_start: np.ndarray, of_bytes: bool,
                  equal_goes_right: bool) -> None:
         """Use ``build``."""
         self._plan = plan
@@ -111,15 +111,12 @@ class _Tables:
         self._rows = [int.from_bytes(row.astype(self._row_type).tobytes(), "little")
                       for row in masks]
         self._row_bytes = masks.shape[1] * masks.itemsize
-        self._by_leaf = by_leaf
+        self._leaf_values = leaf_values
         """The values of every tree's leaves, left to right, tree after tree (last axis)."""
-        self._first_leaf = first_leaf
-        """Per tree, where its leaves start in ``by_leaf``."""
-        self._by_slot = by_slot
-        """For masks of one byte: tree t's leaf i's value at ``8 t + i`` (last axis)."""
-        self._slot_start = np.arange(len(first_leaf), dtype=np.intp) * 8
-        self.bytes = by_slot is not None
-        """One byte per tree's mask."""
+        self._tree_start = tree_start
+        """Per tree, where its leaves start in ``leaf_values``."""
+        self.of_bytes = of_bytes
+        """One byte per tree's mask, whose lowest set bit ``bytes.translate`` finds."""
         # A threshold the value is above (scikit-learn), or not below (XGBoost), sends it right.
         self._sent_right = bisect.bisect_right if equal_goes_right else bisect.bisect_left
 
@@ -144,17 +141,17 @@ class _Tables:
         mask_type = next((t for t in _MASK_TYPES if np.iinfo(t).bits >= most_leaves), None)
         if mask_type is None:
             return None
-        features_tested = len(np.unique(feature[[test[0] for test in tests]]))
-        row_bytes = len(roots) * np.dtype(mask_type).itemsize
-        if (len(tests) + features_tested) * row_bytes > MAX_TABLE_BYTES:
-            return None
-        if features_tested * row_bytes > 8 * len(left):
-            return None  # One row would AND more bytes than the walk reads a node's index in.
         tested, tree, first, last = np.array(tests, dtype=np.intp).T
+        features_tested = np.unique(feature[tested]).tolist()
+        row_bytes = len(roots) * np.dtype(mask_type).itemsize
+        if (len(tests) + len(features_tested)) * row_bytes > MAX_TABLE_BYTES:
+            return None
+        if len(features_tested) * row_bytes > 8 * len(left):
+            return None  # One row would AND more bytes than the walk reads a node's index in.
         ordered = np.lexsort((threshold[tested], feature[tested]))
         everything = (1 << np.iinfo(mask_type).bits) - 1
         plan, blocks, row = [], [], 0
-        for f in np.unique(feature[tested]).tolist():
+        for f in features_tested:
             here = ordered[feature[tested[ordered]] == f]
             # Row k of the block: the feature's first k nodes (by threshold) sent the row right,
             # each ruling out its left subtree's leaves, first to last - 1.
@@ -165,16 +162,18 @@ class _Tables:
             blocks.append(np.bitwise_and.accumulate(block, axis=0))
             plan.append((f, row, threshold[tested[here]].tolist()))
             row += len(here) + 1
-        by_leaf = values.take(leaf_nodes, axis=-1)
-        first_leaf = np.array(starts, dtype=np.intp)
-        by_slot = None
-        if mask_type is np.uint8 and by_leaf.nbytes // len(leaf_nodes) * 8 * len(
-                roots) <= MAX_TABLE_BYTES:
-            # Tree t's leaf i at 8 t + i (a tree of fewer leaves repeats its last one there).
+        tree_start = np.array(starts, dtype=np.intp)
+        of_bytes = mask_type is np.uint8 and (
+            values.nbytes // values.shape[-1] * 8 * len(roots) <= MAX_TABLE_BYTES)
+        if of_bytes:
+            # Tree t's leaf i at 8 t + i (a tree of fewer leaves repeats its last one there),
+            # where a byte's lowest set bit points.
             leaves = np.diff([*starts, len(leaf_nodes)])
-            at = first_leaf[:, None] + np.minimum(np.arange(8), leaves[:, None] - 1)
-            by_slot = by_leaf.take(at.ravel(), axis=-1)
-        return cls(plan, np.concatenate(blocks), by_leaf, first_leaf, by_slot, equal_goes_right)
+            leaf_nodes = np.array(leaf_nodes)[
+                tree_start[:, None] + np.minimum(np.arange(8), leaves[:, None] - 1)].ravel()
+            tree_start = np.arange(len(roots), dtype=np.intp) * 8
+        return cls(plan, np.concatenate(blocks), values.take(leaf_nodes, axis=-1), tree_start,
+                   of_bytes, equal_goes_right)
 
     def values(self, features: list[float]) -> np.ndarray:
         """``features``: the row's, float32 values as Python floats."""
@@ -184,13 +183,13 @@ class _Tables:
         for f, start, thresholds in self._plan:
             combined &= table[start + sent_right(thresholds, features[f])]
         masks = combined.to_bytes(self._row_bytes, "little")
-        if self._by_slot is not None:  # Each byte's lowest set bit, by a look-up of bytes.
+        if self.of_bytes:
             leaves = np.frombuffer(masks.translate(_LOWEST_SET_BIT_OF_BYTE), np.uint8)
-            return self._by_slot.take(self._slot_start + leaves, axis=-1)
-        words = np.frombuffer(masks, self._row_type)
-        # The lowest set bit, alone, is 2^i; less one, it has i bits set.
-        leaves = np.bitwise_count((words & -words) - 1)
-        return self._by_leaf.take(self._first_leaf + leaves, axis=-1)
+        else:
+            words = np.frombuffer(masks, self._row_type)
+            # The lowest set bit, alone, is 2^i; less one, it has i bits set.
+            leaves = np.bitwise_count((words & -words) - 1)
+        return self._leaf_values.take(self._tree_start + leaves, axis=-1)
 
 
 _LOWEST_SET_BIT_OF_BYTE = bytes(max(0, (b & -b).bit_length() - 1) for b in range(256))
